@@ -1,0 +1,1 @@
+//! NapCat simulator (being written).
