@@ -1,0 +1,63 @@
+//! OneBot API calls over the WebSocket: parse just `action` and `echo`, answer like NapCat.
+//!
+//! `echo` is kept as a [`RawValue`]: the reply carries exactly the bytes the client wrote,
+//! whatever their JSON type. Where the client sent no echo (or `null`), NapCat v4 replies
+//! with `"echo":""` for actions it knows and `"echo":null` for unknown actions and bad JSON
+//! (`echo ?? ''` in its WebSocket server, `echo = null` default in `OB11Response.error`);
+//! the simulator does the same.
+
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::frames;
+use super::Shared;
+
+/// The two fields of a request the simulator looks at; `params` is ignored.
+#[derive(Deserialize)]
+struct Request<'a> {
+    #[serde(borrow, default)]
+    action: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    echo: Option<&'a RawValue>,
+}
+
+/// Answer one request frame (a text frame's payload).
+pub(crate) fn handle(shared: &Shared, text: &str) -> String {
+    let req: Request<'_> = match serde_json::from_str(text) {
+        Ok(req) => req,
+        Err(_) => return frames::PARSE_FAILED.to_owned(),
+    };
+    let echo = req.echo.map(RawValue::get);
+    // JavaScript's `'不支持的API ' + undefined` for a request without an action.
+    let action = req.action.as_deref().unwrap_or("undefined");
+    let data = match action {
+        "get_login_info" => format!(
+            r#"{{"user_id":{},"nickname":"lifeguard-bot"}}"#,
+            shared.self_id
+        ),
+        "get_status" => format!(
+            r#"{{"online":{},"good":true,"stat":{{}}}}"#,
+            shared.online.load(Ordering::Relaxed)
+        ),
+        "send_msg" | "send_group_msg" | "send_private_msg" => format!(
+            r#"{{"message_id":{}}}"#,
+            shared.next_message_id.fetch_add(1, Ordering::Relaxed)
+        ),
+        "get_version_info" => {
+            r#"{"app_name":"NapCat.Onebot","protocol_version":"v11","app_version":"4.8.98"}"#
+                .to_owned()
+        }
+        "can_send_image" | "can_send_record" => r#"{"yes":true}"#.to_owned(),
+        _ => {
+            return frames::reply_failed(
+                1404,
+                &format!("不支持的API {action}"),
+                echo.unwrap_or("null"),
+            )
+        }
+    };
+    frames::reply_ok(&data, echo.unwrap_or(r#""""#))
+}
