@@ -179,6 +179,10 @@ async fn api_replies_echo_byte_for_byte() {
             r#"{"status":"ok","retcode":0,"data":{"message_id":3},"message":"","wording":"","echo":"","stream":"normal-action"}"#.to_owned(),
         ),
         (
+            r#"{"action":"get_login_info","echo":null}"#,
+            r#"{"status":"ok","retcode":0,"data":{"user_id":3889001234,"nickname":"lifeguard-bot"},"message":"","wording":"","echo":"","stream":"normal-action"}"#.to_owned(),
+        ),
+        (
             r#"{"action":"nope"}"#,
             r#"{"status":"failed","retcode":1404,"data":null,"message":"不支持的API nope","wording":"不支持的API nope","echo":null,"stream":"normal-action"}"#.to_owned(),
         ),
@@ -504,4 +508,42 @@ async fn shutdown_ends_everything() {
         }
     }
     assert_eq!(sim.open_connections(), 0);
+}
+
+/// Throughput check, not run by default:
+/// `cargo test --release --test sim -- --ignored --nocapture blast_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn blast_throughput() {
+    let sim = start(quiet_cfg()).await;
+    let mut c = connect(&sim, "/").await;
+    expect_connect(&sim, &mut c).await;
+    const N: u64 = 200_000;
+    let reader = tokio::spawn(async move {
+        let mut bytes = 0usize;
+        for _ in 0..N {
+            bytes += text(&mut c).await.len();
+        }
+        bytes
+    });
+    let started = std::time::Instant::now();
+    assert_eq!(sim.blast(N).await, 1);
+    let written = started.elapsed();
+    let bytes = reader.await.unwrap();
+    let read = started.elapsed();
+    println!(
+        "blast {N} events ({bytes} bytes): written in {written:?}, read in {read:?} ({:.0} events/s)",
+        N as f64 / read.as_secs_f64()
+    );
+    let mut api = connect(&sim, "/api").await;
+    let started = std::time::Instant::now();
+    for i in 0..20_000u32 {
+        call(
+            &mut api,
+            &format!(r#"{{"action":"get_status","echo":{i}}}"#),
+        )
+        .await;
+    }
+    println!("20000 sequential API calls in {:?}", started.elapsed());
+    sim.shutdown().await;
 }

@@ -281,7 +281,8 @@ impl NapSim {
     }
 
     /// Send one raw text frame to every event (non-`/api`) client of the current server;
-    /// returns how many got it (0 while disabled, killed or hung).
+    /// returns how many got it (0 while disabled, killed or hung). Like NapCat, the frame
+    /// is queued without limit for a client that does not read.
     pub fn emit(&self, frame: impl Into<String>) -> usize {
         match self.shared.live_server() {
             Some(server) => server.broadcast(&Utf8Bytes::from(frame.into())),
@@ -361,7 +362,8 @@ impl NapSim {
     }
 
     /// Process killed: the listener is gone and every socket (orphans included) is dropped
-    /// without a Close frame. `enable()` afterwards is a restart.
+    /// without a Close frame. `enable()` afterwards is a restart (of a process that is not
+    /// hung: `kill()` also ends a `hang()`).
     pub fn kill(&self) {
         let mut state = lock(&self.shared.state);
         if let Some(server) = state.server.take() {
@@ -369,6 +371,8 @@ impl NapSim {
         }
         state.process.cancel();
         state.process = self.shared.shutdown.child_token();
+        drop(state);
+        self.shared.hung.send_replace(false);
     }
 
     /// Process hung: the port stays bound and TCP connects succeed, but no WebSocket
