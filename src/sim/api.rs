@@ -4,7 +4,7 @@
 //! whatever their JSON type. Where the client sent no echo (or `null`), NapCat v4 replies
 //! with `"echo":""` for actions it knows and `"echo":null` for unknown actions and bad JSON
 //! (`echo ?? ''` in its WebSocket server, `echo = null` default in `OB11Response.error`);
-//! the simulator does the same.
+//! the simulator does the same. Unlike NapCat (JSON5), only strict JSON is accepted.
 
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
@@ -26,6 +26,14 @@ struct Request<'a> {
 
 /// Answer one request frame (a text frame's payload).
 pub(crate) fn handle(shared: &Shared, text: &str) -> String {
+    if !text.trim_start().starts_with('{') {
+        // serde would read a JSON array positionally into `Request`; NapCat finds no
+        // `action` in anything but an object.
+        return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => frames::reply_failed(1404, "不支持的API undefined", "null"),
+            Err(_) => frames::PARSE_FAILED.to_owned(),
+        };
+    }
     let req: Request<'_> = match serde_json::from_str(text) {
         Ok(req) => req,
         Err(_) => return frames::PARSE_FAILED.to_owned(),
