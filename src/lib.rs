@@ -7,5 +7,15 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
+pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod onebot;
+pub mod relay;
+pub mod reload;
+pub mod server;
 pub mod sim;
+pub mod upstream;
+pub mod ws;

@@ -1,1 +1,65 @@
-fn main() {}
+//! `lifeguard`: parse the command line, start tracing, run the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lifeguard::config::{Cli, Command, RunArgs, Settings, EXIT_USAGE};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let _ = e.print();
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_USAGE as u8),
+            };
+        }
+    };
+    match cli.command {
+        Some(Command::CheckConfig) => check_config(&cli.run),
+        Some(Command::Health(h)) => lifeguard::cli::health(&cli.run, &h),
+        Some(Command::Demo(d)) => {
+            lifeguard::cli::init_tracing(cli.run.log_format.unwrap_or_default());
+            runtime().block_on(lifeguard::demo::run(cli.run, d))
+        }
+        None => {
+            let settings = match Settings::load(&cli.run) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("lifeguard: {e}");
+                    return ExitCode::from(EXIT_USAGE as u8);
+                }
+            };
+            lifeguard::cli::init_tracing(settings.log_format);
+            runtime().block_on(lifeguard::cli::serve(cli.run, settings))
+        }
+    }
+}
+
+fn check_config(args: &RunArgs) -> ExitCode {
+    match Settings::load(args) {
+        Ok(s) => {
+            print!("{}", s.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lifeguard: {e}");
+            ExitCode::from(EXIT_USAGE as u8)
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lifeguard: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}

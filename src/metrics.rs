@@ -1,0 +1,241 @@
+//! Prometheus metrics (`GET /metrics` on the admin listener), with prometheus-client.
+//!
+//! Hot-path counters (frames and bytes relayed) are plain handles taken once, so relaying
+//! costs one relaxed atomic add per read batch, not a label lookup.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::onebot::Role;
+use crate::upstream::Gate;
+use crate::ws::FrameScanner;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric lifeguard exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    upstream_up: Gauge,
+    state_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    transitions: Family<Labels, Counter>,
+    probe_seconds: Family<Labels, Histogram>,
+    sessions_open: Family<Labels, Gauge>,
+    sessions_closed: Family<Labels, Counter>,
+    handshakes: Family<Labels, Counter>,
+    reloads: Family<Labels, Counter>,
+    /// Pre-resolved handles for the hot path: (frames, bytes) to the client and to the backend.
+    to_client: (Counter, Counter),
+    to_backend: (Counter, Counter),
+    /// The gate, to report the time in the current state at scrape time.
+    gate: Mutex<Option<std::sync::Weak<Gate>>>,
+}
+
+fn l(k: &'static str, v: impl Into<String>) -> Labels {
+    vec![(k, v.into())]
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("lifeguard");
+        let upstream_up = Gauge::default();
+        let state_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let transitions = Family::<Labels, Counter>::default();
+        let probe_seconds: Family<Labels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14)));
+        let sessions_open = Family::<Labels, Gauge>::default();
+        let sessions_closed = Family::<Labels, Counter>::default();
+        let frames = Family::<Labels, Counter>::default();
+        let bytes = Family::<Labels, Counter>::default();
+        let handshakes = Family::<Labels, Counter>::default();
+        let reloads = Family::<Labels, Counter>::default();
+        r.register(
+            "upstream_up",
+            "1 when the backend is up (accepting sessions), 0 when down",
+            upstream_up.clone(),
+        );
+        r.register(
+            "upstream_state_seconds",
+            "Seconds since the backend's state last changed",
+            state_seconds.clone(),
+        );
+        r.register(
+            "upstream_transitions",
+            "Backend state transitions, by the new state's cause",
+            transitions.clone(),
+        );
+        r.register(
+            "probe_duration_seconds",
+            "Active probe (WebSocket handshake on /api) duration, by result",
+            probe_seconds.clone(),
+        );
+        r.register(
+            "sessions_open",
+            "Open sessions, by path role",
+            sessions_open.clone(),
+        );
+        r.register(
+            "sessions_closed",
+            "Closed sessions, by cause and close code sent",
+            sessions_closed.clone(),
+        );
+        r.register(
+            "frames_relayed",
+            "Frames relayed, by direction",
+            frames.clone(),
+        );
+        r.register(
+            "bytes_relayed",
+            "Bytes relayed (frames included whole), by direction",
+            bytes.clone(),
+        );
+        r.register(
+            "handshakes",
+            "Client handshakes answered, by HTTP status",
+            handshakes.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config reloads, by result",
+            reloads.clone(),
+        );
+        let to_client = (
+            frames.get_or_create(&l("direction", "to_client")).clone(),
+            bytes.get_or_create(&l("direction", "to_client")).clone(),
+        );
+        let to_backend = (
+            frames.get_or_create(&l("direction", "to_backend")).clone(),
+            bytes.get_or_create(&l("direction", "to_backend")).clone(),
+        );
+        for role in [Role::Api, Role::Event, Role::Universal] {
+            let _ = sessions_open.get_or_create(&l("path", role.as_str()));
+        }
+        for result in ["ok", "failed"] {
+            let _ = reloads.get_or_create(&l("result", result));
+        }
+        Metrics {
+            registry: Mutex::new(r),
+            upstream_up,
+            state_seconds,
+            transitions,
+            probe_seconds,
+            sessions_open,
+            sessions_closed,
+            handshakes,
+            reloads,
+            to_client,
+            to_backend,
+            gate: Mutex::new(None),
+        }
+    }
+
+    /// Follow the gate: the up gauge and transitions by cause.
+    pub fn watch_gate(self: &Arc<Self>, gate: &Arc<Gate>) {
+        *self.gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(gate));
+        self.upstream_up.set(gate.snapshot().up as i64);
+        let me = Arc::downgrade(self);
+        gate.on_transition(Box::new(move |_old, new| {
+            if let Some(m) = me.upgrade() {
+                m.upstream_up.set(new.up as i64);
+                m.transitions
+                    .get_or_create(&l("cause", new.cause.as_str()))
+                    .inc();
+            }
+        }));
+    }
+
+    pub fn probe_done(&self, d: Duration, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.probe_seconds
+            .get_or_create(&l("result", result))
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn session_opened(&self, role: Role) {
+        self.sessions_open
+            .get_or_create(&l("path", role.as_str()))
+            .inc();
+    }
+
+    pub fn session_aborted(&self, role: Role) {
+        self.sessions_open
+            .get_or_create(&l("path", role.as_str()))
+            .dec();
+    }
+
+    pub fn session_closed(
+        &self,
+        role: Role,
+        cause: &str,
+        code: Option<u16>,
+        _down: &FrameScanner,
+        _up: &FrameScanner,
+    ) {
+        self.sessions_open
+            .get_or_create(&l("path", role.as_str()))
+            .dec();
+        let code = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        self.sessions_closed
+            .get_or_create(&vec![("cause", cause.to_string()), ("code", code)])
+            .inc();
+    }
+
+    /// Frames and bytes just relayed (deltas), per read batch.
+    pub fn relayed(&self, to_client: bool, frames: u64, bytes: u64) {
+        let (f, b) = if to_client {
+            &self.to_client
+        } else {
+            &self.to_backend
+        };
+        if frames > 0 {
+            f.inc_by(frames);
+        }
+        if bytes > 0 {
+            b.inc_by(bytes);
+        }
+    }
+
+    pub fn handshake(&self, status: u16) {
+        self.handshakes
+            .get_or_create(&l("status", status.to_string()))
+            .inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&l("result", if ok { "ok" } else { "failed" }))
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        if let Some(g) = self
+            .gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|w| w.upgrade())
+        {
+            self.state_seconds
+                .set(g.snapshot().since_instant.elapsed().as_secs_f64());
+        }
+        let mut out = String::new();
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if encode(&mut out, &reg).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,220 @@
+//! OneBot v11 shapes: the events lifeguard injects, and a cheap classifier for the frames
+//! it relays (so the hot path never parses JSON unless a frame is a meta event).
+
+use std::sync::LazyLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use memchr::memmem::Finder;
+use serde::Deserialize;
+
+/// Which forward-WebSocket role a path has (NapCat's routing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// `/api`: API calls only; no connect event, no events, no heartbeats.
+    Api,
+    /// `/event`: events (NapCat also answers API calls there).
+    Event,
+    /// `/` and any other path: events and API.
+    Universal,
+}
+
+impl Role {
+    /// Route a request path (query already stripped); a trailing slash is allowed.
+    pub fn of_path(path: &str) -> Role {
+        let p = path.trim_end_matches('/');
+        match p {
+            "/api" => Role::Api,
+            "/event" => Role::Event,
+            _ => Role::Universal,
+        }
+    }
+
+    /// Whether the backend sends events (and so the connect event) on this role.
+    pub fn gets_events(self) -> bool {
+        self != Role::Api
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Event => "event",
+            Role::Universal => "universal",
+        }
+    }
+}
+
+/// What a small text frame from the backend is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    /// A reply to an API call (it carries the caller's echo).
+    Reply,
+    /// Any event that is not a meta event.
+    Event,
+    /// `lifecycle` (connect, enable, disable).
+    Lifecycle {
+        self_id: Option<u64>,
+        sub_type: String,
+    },
+    /// `heartbeat`: interval in ms, and the QQ login state when present.
+    Heartbeat {
+        self_id: Option<u64>,
+        interval_ms: Option<u64>,
+        online: Option<bool>,
+        /// The raw `status` object, reused for keepalive heartbeats to clients.
+        status: Option<String>,
+    },
+}
+
+static META: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"meta_event\""));
+
+/// First keys of API replies (NapCat: `status`; others order fields differently).
+const REPLY_KEYS: [&[u8]; 6] = [
+    b"status", b"retcode", b"data", b"echo", b"message", b"wording",
+];
+
+/// Classify a backend text frame: a look at its first key and one substring search;
+/// JSON is parsed only for meta events (a heartbeat every few seconds).
+pub fn classify(payload: &[u8]) -> Kind {
+    if let Some(key) = first_key(payload) {
+        if REPLY_KEYS.contains(&key) {
+            return Kind::Reply;
+        }
+    }
+    if META.find(payload).is_none() {
+        return Kind::Event;
+    }
+    #[derive(Deserialize)]
+    struct Meta<'a> {
+        self_id: Option<u64>,
+        meta_event_type: Option<&'a str>,
+        sub_type: Option<&'a str>,
+        interval: Option<u64>,
+        status: Option<&'a serde_json::value::RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Status {
+        online: Option<bool>,
+    }
+    let Ok(m) = serde_json::from_slice::<Meta<'_>>(payload) else {
+        return Kind::Event;
+    };
+    match m.meta_event_type {
+        Some("lifecycle") => Kind::Lifecycle {
+            self_id: m.self_id,
+            sub_type: m.sub_type.unwrap_or_default().to_string(),
+        },
+        Some("heartbeat") => Kind::Heartbeat {
+            self_id: m.self_id,
+            interval_ms: m.interval,
+            online: m
+                .status
+                .and_then(|s| serde_json::from_str::<Status>(s.get()).ok())
+                .and_then(|s| s.online),
+            status: m.status.map(|s| s.get().to_string()),
+        },
+        _ => Kind::Event,
+    }
+}
+
+/// The first object key of a JSON text, without allocating (None if not an object).
+fn first_key(p: &[u8]) -> Option<&[u8]> {
+    let mut i = 0;
+    while i < p.len() && p[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    if p.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    while i < p.len() && p[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    if p.get(i) != Some(&b'"') {
+        return None;
+    }
+    let start = i + 1;
+    let end = start + memchr::memchr(b'"', p.get(start..)?)?;
+    Some(&p[start..end])
+}
+
+/// Seconds since the epoch, as OneBot's `time`.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The lifecycle `disable` event, in NapCat's field order.
+pub fn disable_event(self_id: u64) -> String {
+    format!(
+        "{{\"time\":{},\"self_id\":{},\"post_type\":\"meta_event\",\"meta_event_type\":\"lifecycle\",\"sub_type\":\"disable\"}}",
+        now_secs(),
+        self_id
+    )
+}
+
+/// A heartbeat meta event (client keepalive), built from the backend's last known status.
+pub fn heartbeat_event(self_id: u64, status: &str, interval_ms: u64) -> String {
+    format!(
+        "{{\"time\":{},\"self_id\":{},\"post_type\":\"meta_event\",\"meta_event_type\":\"heartbeat\",\"status\":{},\"interval\":{}}}",
+        now_secs(),
+        self_id,
+        status,
+        interval_ms
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(Role::of_path("/api"), Role::Api);
+        assert_eq!(Role::of_path("/api/"), Role::Api);
+        assert_eq!(Role::of_path("/event"), Role::Event);
+        assert_eq!(Role::of_path("/"), Role::Universal);
+        assert_eq!(Role::of_path("/onebot/v11/ws"), Role::Universal);
+        assert_eq!(Role::of_path("/apix"), Role::Universal);
+    }
+
+    #[test]
+    fn classifies_sample_frames() {
+        let connect = br#"{"time":1764180000,"self_id":3889001234,"post_type":"meta_event","meta_event_type":"lifecycle","sub_type":"connect"}"#;
+        assert_eq!(
+            classify(connect),
+            Kind::Lifecycle {
+                self_id: Some(3889001234),
+                sub_type: "connect".into()
+            }
+        );
+        let hb = br#"{"time":1764180030,"self_id":3889001234,"post_type":"meta_event","meta_event_type":"heartbeat","status":{"online":false,"good":true},"interval":30000}"#;
+        assert_eq!(
+            classify(hb),
+            Kind::Heartbeat {
+                self_id: Some(3889001234),
+                interval_ms: Some(30000),
+                online: Some(false),
+                status: Some(r#"{"online":false,"good":true}"#.into()),
+            }
+        );
+        let reply = br#"{"status":"ok","retcode":0,"data":null,"message":"","wording":"","echo":"1","stream":"normal-action"}"#;
+        assert_eq!(classify(reply), Kind::Reply);
+        let gocq_reply = br#"{"data":null,"echo":"1","retcode":0,"status":"ok"}"#;
+        assert_eq!(classify(gocq_reply), Kind::Reply);
+        let msg = r#"{"self_id":1,"user_id":2,"time":3,"raw_message":"meta_event","post_type":"message"}"#;
+        assert_eq!(classify(msg.as_bytes()), Kind::Event);
+        assert_eq!(classify(b"not json"), Kind::Event);
+    }
+
+    #[test]
+    fn disable_event_is_exact() {
+        let e = disable_event(10001000);
+        let v: serde_json::Value = serde_json::from_str(&e).unwrap();
+        assert_eq!(v["self_id"], 10001000);
+        assert_eq!(v["sub_type"], "disable");
+        assert!(e.starts_with("{\"time\":"));
+        assert!(e.ends_with(",\"self_id\":10001000,\"post_type\":\"meta_event\",\"meta_event_type\":\"lifecycle\",\"sub_type\":\"disable\"}"));
+    }
+}
