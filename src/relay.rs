@@ -282,6 +282,8 @@ pub struct Session {
     up: Direction,
     learned: Learned,
     started: Instant,
+    /// When something last went to the client; tracked only with `--client-heartbeat`.
+    last_to_client: Option<Instant>,
 }
 
 impl Session {
@@ -308,6 +310,7 @@ impl Session {
                 heartbeat_window: Duration::ZERO,
             },
             started: Instant::now(),
+            last_to_client: None,
         }
     }
 
@@ -348,7 +351,9 @@ impl Session {
     /// Relay until something ends the session, then run the end sequence.
     pub async fn run(mut self, client_leftover: &[u8], upstream_leftover: &[u8]) {
         let mut gate_rx = self.shared.gate.subscribe();
-        let grace = self.shared.settings.load().heartbeat_grace;
+        let mut settings_rx = self.shared.subscribe_settings();
+        let mut settings = settings_rx.borrow_and_update().clone();
+        let grace = settings.heartbeat_grace;
         let end = 'relay: {
             // Bytes that arrived with the handshakes go first, through the scanners.
             if !upstream_leftover.is_empty() {
@@ -368,6 +373,18 @@ impl Session {
             let watchdog = tokio::time::sleep(FAR);
             tokio::pin!(watchdog);
             let mut armed: Option<Instant> = None;
+            // Client keepalive: a heartbeat when nothing went to the client for a while.
+            let keepalive = tokio::time::sleep(FAR);
+            tokio::pin!(keepalive);
+            let mut keepalive_every = settings
+                .client_heartbeat
+                .filter(|_| self.info.role.gets_events());
+            if let Some(every) = keepalive_every {
+                self.last_to_client = Some(Instant::now());
+                keepalive
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + every);
+            }
             loop {
                 if self.learned.heartbeat_deadline != armed {
                     armed = self.learned.heartbeat_deadline;
@@ -387,6 +404,29 @@ impl Session {
                     }
                     _ = &mut watchdog, if armed.is_some() => {
                         break 'relay End::HeartbeatTimeout(self.learned.heartbeat_window);
+                    }
+                    _ = settings_rx.changed() => {
+                        let new = settings_rx.borrow_and_update().clone();
+                        if let Some(end) = self.recheck(&settings, &new) {
+                            break 'relay end;
+                        }
+                        if new.client_heartbeat != settings.client_heartbeat {
+                            keepalive_every = new.client_heartbeat.filter(|_| self.info.role.gets_events());
+                            self.last_to_client = keepalive_every.map(|_| Instant::now());
+                            let at = keepalive_every.unwrap_or(FAR);
+                            keepalive.as_mut().reset(tokio::time::Instant::now() + at);
+                        }
+                        settings = new;
+                    }
+                    _ = &mut keepalive, if keepalive_every.is_some() => {
+                        let every = keepalive_every.unwrap_or(FAR);
+                        let last = self.last_to_client.unwrap_or_else(Instant::now);
+                        if last.elapsed() + Duration::from_millis(1) >= every {
+                            self.send_keepalive();
+                            self.last_to_client = Some(Instant::now());
+                        }
+                        let next = self.last_to_client.unwrap_or_else(Instant::now) + every;
+                        keepalive.as_mut().reset(next.into());
                     }
                     _ = async {
                         if down_pending { self.client.writable().await } else { self.upstream.readable().await }
@@ -408,15 +448,73 @@ impl Session {
         self.finish(end).await;
     }
 
+    /// A new configuration: does this session still belong?
+    fn recheck(&self, old: &crate::config::Settings, new: &crate::config::Settings) -> Option<End> {
+        if new.upstream != old.upstream {
+            return Some(End::Kicked(
+                ws::code::SERVICE_RESTART,
+                "config",
+                format!("config: upstream changed to {}", new.upstream),
+            ));
+        }
+        if new.access_token != old.access_token
+            && crate::server::authorized(new.access_token.as_ref(), self.info.credential.as_deref())
+                .is_err()
+        {
+            return Some(End::Kicked(
+                ws::code::POLICY,
+                "token-revoked",
+                "access token changed; reconnect with the new one".into(),
+            ));
+        }
+        None
+    }
+
+    /// Client keepalive: a heartbeat from the backend's last known status, sent only when
+    /// the client is taking data (never queued for a client that is gone) and only between
+    /// frames, once the backend's connect event has gone through.
+    fn send_keepalive(&mut self) {
+        if !self.learned.connect_seen
+            || self.down.has_pending()
+            || !self.down.scanner.at_boundary()
+            || !self.down.carry.is_empty()
+        {
+            return;
+        }
+        let backend = self.shared.gate.backend();
+        let Some(self_id) = self.learned.self_id.or(backend.self_id) else {
+            return;
+        };
+        let status = backend
+            .status
+            .as_deref()
+            .unwrap_or(r#"{"online":true,"good":true}"#);
+        let interval = self
+            .shared
+            .settings
+            .load()
+            .client_heartbeat
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let frame = ws::encode_frame(
+            ws::OP_TEXT,
+            onebot::heartbeat_event(self_id, status, interval).as_bytes(),
+            None,
+        );
+        // All or nothing: a partial write would be finished from `pending`, which is fine.
+        let _ = self.down.send(&self.client, &frame);
+        self.down.scanner.bytes += frame.len() as u64;
+    }
+
     /// Scan and relay bytes that were read elsewhere (the handshake's leftovers).
     fn feed(&mut self, dir: Dir, bytes: &[u8], grace: f64) -> Option<End> {
-        let shared = self.shared.clone();
+        let shared = &*self.shared;
         let learned = &mut self.learned;
         let (d, dst) = match dir {
             Dir::Down => (&mut self.down, &self.client),
             Dir::Up => (&mut self.up, &self.upstream),
         };
-        let mut on_text = |p: &[u8]| Self::on_backend_text(learned, &shared, grace, p);
+        let mut on_text = |p: &[u8]| Self::on_backend_text(learned, shared, grace, p);
         let scan = d.scanner.scan(bytes, &mut on_text);
         if let Err(e) = d.send(dst, &bytes[..scan.forward]) {
             return Some(dir.dst_gone(e.to_string()));
@@ -433,13 +531,28 @@ impl Session {
 
     /// One wake-up of one direction. Some(end) when the session must end.
     fn pump(&mut self, dir: Dir, grace: f64) -> Option<End> {
-        let shared = self.shared.clone();
+        let shared = &*self.shared;
         let learned = &mut self.learned;
-        let mut on_text = |p: &[u8]| Self::on_backend_text(learned, &shared, grace, p);
+        let mut on_text = |p: &[u8]| Self::on_backend_text(learned, shared, grace, p);
+        let (frames, bytes) = match dir {
+            Dir::Down => (self.down.scanner.frames, self.down.scanner.bytes),
+            Dir::Up => (self.up.scanner.frames, self.up.scanner.bytes),
+        };
         let step = match dir {
             Dir::Down => self.down.pump(&self.upstream, &self.client, &mut on_text),
             Dir::Up => self.up.pump(&self.client, &self.upstream, &mut on_text),
         };
+        let scanner = match dir {
+            Dir::Down => &self.down.scanner,
+            Dir::Up => &self.up.scanner,
+        };
+        let (df, db) = (scanner.frames - frames, scanner.bytes - bytes);
+        if db > 0 {
+            shared.metrics.relayed(matches!(dir, Dir::Down), df, db);
+            if let (Dir::Down, Some(t)) = (dir, self.last_to_client.as_mut()) {
+                *t = Instant::now();
+            }
+        }
         match step {
             Step::Idle | Step::Blocked | Step::Yield => None,
             Step::Close(code, raw) => Some(self.on_close(dir, code, &raw)),
@@ -595,9 +708,9 @@ impl Session {
         let requests = self.up.scanner.messages;
         loop {
             let step = {
-                let shared = self.shared.clone();
+                let shared = &*self.shared;
                 let learned = &mut self.learned;
-                let mut on_text = |p: &[u8]| Self::on_backend_text(learned, &shared, grace, p);
+                let mut on_text = |p: &[u8]| Self::on_backend_text(learned, shared, grace, p);
                 self.down.pump(&self.upstream, &self.client, &mut on_text)
             };
             let waiting_replies = self.learned.replies < requests;

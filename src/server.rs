@@ -45,6 +45,8 @@ pub struct Shared {
     pub stop_accepting: CancellationToken,
     /// Cancelled after the drain budget: remaining tasks must end now.
     pub hard_stop: CancellationToken,
+    /// Every applied configuration, for sessions to re-check themselves against.
+    settings_tx: tokio::sync::watch::Sender<Arc<Settings>>,
 }
 
 fn role_index(r: Role) -> usize {
@@ -60,8 +62,11 @@ impl Shared {
         let gate = Arc::new(Gate::new(&settings));
         let metrics = Arc::new(Metrics::new());
         metrics.watch_gate(&gate);
+        let settings = Arc::new(settings);
+        let (settings_tx, _) = tokio::sync::watch::channel(settings.clone());
         Arc::new(Shared {
-            settings: Arc::new(ArcSwap::from_pointee(settings)),
+            settings: Arc::new(ArcSwap::new(settings)),
+            settings_tx,
             gate,
             metrics,
             open: Default::default(),
@@ -70,6 +75,46 @@ impl Shared {
             stop_accepting: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         })
+    }
+
+    /// Apply a new, already validated configuration to the running proxy:
+    /// - `enabled` drives the gate (false: every session gets the disable sequence, 1012);
+    /// - a new upstream closes every session (1012); new sessions go to the new address;
+    /// - a new access token closes the sessions whose credential no longer passes (1008);
+    /// - probe, heartbeat and timeout settings are read afresh by whoever uses them.
+    ///
+    /// Listen addresses cannot move without a restart; a change to them is logged and ignored.
+    pub fn apply_settings(&self, mut new: Settings) {
+        let old = self.settings.load_full();
+        if new.listen != old.listen || new.admin_listen != old.admin_listen {
+            tracing::warn!(
+                listen = %new.listen,
+                admin_listen = %new.admin_listen,
+                "listen addresses change only on restart; keeping the current ones"
+            );
+            new.listen = old.listen;
+            new.admin_listen = old.admin_listen;
+        }
+        if *old == new {
+            return;
+        }
+        let new = Arc::new(new);
+        self.settings.store(new.clone());
+        self.settings_tx.send_replace(new.clone());
+        if new.upstream != old.upstream {
+            tracing::info!(from = %old.upstream, to = %new.upstream, "upstream changed");
+        }
+        if new.access_token != old.access_token {
+            tracing::info!("access token changed");
+        }
+        self.gate.set_offline_is_down(new.offline_is_down);
+        self.gate.set_config_enabled(new.enabled);
+        self.gate.kick();
+    }
+
+    /// A receiver of every applied configuration (sessions use it).
+    pub fn subscribe_settings(&self) -> tokio::sync::watch::Receiver<Arc<Settings>> {
+        self.settings_tx.subscribe()
     }
 
     /// Open sessions: (api, event, universal).

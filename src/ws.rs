@@ -601,7 +601,7 @@ mod tests {
     fn accept_key_matches_rfc_example() {
         assert_eq!(
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaGhA3JXY8PU4Wx0Rs="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 }
