@@ -41,7 +41,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             },
         };
         let s = shared.clone();
-        shared.tracker.spawn(async move {
+        shared.background.spawn(async move {
             let svc_shared = s.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let sh = svc_shared.clone();

@@ -39,8 +39,11 @@ pub struct Shared {
     /// Open sessions by role (api, event, universal).
     open: [AtomicUsize; 3],
     next_id: AtomicU64,
-    /// Every session and connection task, so shutdown can wait for them.
+    /// Every session and client connection task: shutdown waits for them (the drain).
     pub tracker: TaskTracker,
+    /// Background tasks (prober, admin listener, watchers): they end on `hard_stop`, which
+    /// shutdown cancels once the sessions are drained, so `/live` answers during the drain.
+    pub background: TaskTracker,
     /// Cancelled to stop accepting (shutdown).
     pub stop_accepting: CancellationToken,
     /// Cancelled after the drain budget: remaining tasks must end now.
@@ -72,6 +75,7 @@ impl Shared {
             open: Default::default(),
             next_id: AtomicU64::new(1),
             tracker: TaskTracker::new(),
+            background: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         })
@@ -171,7 +175,7 @@ impl Proxy {
         let shared = Shared::new(settings);
         let s = shared.clone();
         let m = shared.metrics.clone();
-        shared.tracker.spawn(upstream::run_prober(
+        shared.background.spawn(upstream::run_prober(
             s.gate.clone(),
             s.settings.clone(),
             s.hard_stop.clone(),
@@ -179,7 +183,7 @@ impl Proxy {
         ));
         shared.tracker.spawn(accept_loop(shared.clone(), listener));
         shared
-            .tracker
+            .background
             .spawn(crate::admin::serve(shared.clone(), admin));
         tracing::info!(
             listen = %addr,
@@ -201,6 +205,7 @@ impl Proxy {
         let open: usize = self.shared.open_sessions().iter().sum();
         tracing::info!(
             sessions = open,
+            tasks = self.shared.tracker.len(),
             budget_ms = budget.as_millis() as u64,
             "shutting down"
         );
