@@ -13,7 +13,8 @@ use crate::config::{DemoArgs, RunArgs, Settings};
 use crate::server::Proxy;
 use crate::sim::{NapSim, SimConfig};
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn say(step: &str) {
     println!("\n\x1b[1m== {step}\x1b[0m");
@@ -44,13 +45,16 @@ pub async fn run(mut args: RunArgs, demo: DemoArgs) -> ExitCode {
 }
 
 async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> {
-    let sim = NapSim::start(SimConfig::default().with_heartbeat_interval(Some(Duration::from_secs(5))))
-        .await
-        .map_err(|e| format!("cannot start the simulator: {e}"))?;
+    let sim =
+        NapSim::start(SimConfig::default().with_heartbeat_interval(Some(Duration::from_secs(5))))
+            .await
+            .map_err(|e| format!("cannot start the simulator: {e}"))?;
     args.upstream = Some(sim.url());
     args.listen.get_or_insert(([127, 0, 0, 1], 6700).into());
-    args.admin_listen.get_or_insert(([127, 0, 0, 1], 6701).into());
-    args.probe_interval.get_or_insert(Duration::from_millis(500));
+    args.admin_listen
+        .get_or_insert(([127, 0, 0, 1], 6701).into());
+    args.probe_interval
+        .get_or_insert(Duration::from_millis(500));
     let settings = Settings::resolve(args, None).map_err(|e| e.to_string())?;
     let proxy = match Proxy::start(settings.clone()).await {
         Ok(p) => p,
@@ -74,13 +78,17 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
     show("recv", &next_text(&mut ws).await?);
     let call = r#"{"action":"get_login_info","params":{},"echo":"1"}"#;
     show("send", call);
-    ws.send(Message::text(call)).await.map_err(|e| e.to_string())?;
+    ws.send(Message::text(call))
+        .await
+        .map_err(|e| e.to_string())?;
     show("recv", &next_text(&mut ws).await?);
     sim.emit_message(1);
     show("recv", &next_text(&mut ws).await?);
 
     say("2. NapCat 3.1.10: the WebSocket server is switched off in the WebUI");
-    println!("   (the listener goes away; open sockets stay up, still answer pings, get no more events)");
+    println!(
+        "   (the listener goes away; open sockets stay up, still answer pings, get no more events)"
+    );
     let t0 = Instant::now();
     sim.disable_3110();
     let (texts, close) = read_to_end(&mut ws).await;
@@ -88,16 +96,30 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
         show("recv", t);
     }
     match close {
-        Some((code, reason)) => show("close", &format!("{code} \"{reason}\"  after {} ms", t0.elapsed().as_millis())),
+        Some((code, reason)) => show(
+            "close",
+            &format!("{code} \"{reason}\"  after {} ms", t0.elapsed().as_millis()),
+        ),
         None => show("close", "(socket ended without a Close frame)"),
     }
 
     say("3. While NapCat is down, reconnects are refused before the upgrade");
     match tokio_tungstenite::connect_async(&url).await {
         Err(tungstenite::Error::Http(resp)) => {
-            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-            let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).unwrap_or("-");
-            show("http", &format!("{} Retry-After: {retry} {body}", resp.status()));
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            let retry = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            show(
+                "http",
+                &format!("{} Retry-After: {retry} {body}", resp.status()),
+            );
         }
         Ok(_) => show("http", "unexpectedly accepted"),
         Err(e) => show("http", &e.to_string()),
@@ -125,7 +147,9 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
     if demo.keep_running {
         say("Still running: point a bot at lifeguard, then play with the backend");
         println!("   bot:        {url}  (or /event, /api)");
-        println!("   disable:    curl -X POST {admin}/disable    enable: curl -X POST {admin}/enable");
+        println!(
+            "   disable:    curl -X POST {admin}/disable    enable: curl -X POST {admin}/enable"
+        );
         println!("   state:      curl {admin}/state              metrics: curl {admin}/metrics");
         println!("   a sample group message is emitted every 5 s; Ctrl-C to stop");
         let mut seq = 100;
@@ -159,7 +183,10 @@ async fn wait_up(proxy: &Proxy, up: bool) -> Result<(), String> {
 }
 
 async fn connect(url: &str) -> Result<Ws, String> {
-    tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws).map_err(|e| format!("connect {url}: {e}"))
+    tokio_tungstenite::connect_async(url)
+        .await
+        .map(|(ws, _)| ws)
+        .map_err(|e| format!("connect {url}: {e}"))
 }
 
 async fn next_text(ws: &mut Ws) -> Result<String, String> {
@@ -179,8 +206,12 @@ async fn read_to_end(ws: &mut Ws) -> (Vec<String>, Option<(u16, String)>) {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => texts.push(t.to_string()),
             Ok(Some(Ok(Message::Close(f)))) => {
-                let close = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), ws.next()).await {}
+                let close = f
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                while let Ok(Some(_)) =
+                    tokio::time::timeout(Duration::from_secs(1), ws.next()).await
+                {}
                 return (texts, Some(close));
             }
             Ok(Some(Ok(_))) => {}

@@ -349,7 +349,7 @@ impl Session {
     }
 
     /// Relay until something ends the session, then run the end sequence.
-    pub async fn run(mut self, client_leftover: &[u8], upstream_leftover: &[u8]) {
+    pub async fn run(mut self, client_leftover: Vec<u8>, upstream_leftover: Vec<u8>) {
         let mut gate_rx = self.shared.gate.subscribe();
         let mut settings_rx = self.shared.subscribe_settings();
         let mut settings = settings_rx.borrow_and_update().clone();
@@ -357,15 +357,16 @@ impl Session {
         let end = 'relay: {
             // Bytes that arrived with the handshakes go first, through the scanners.
             if !upstream_leftover.is_empty() {
-                if let Some(end) = self.feed(Dir::Down, upstream_leftover, grace) {
+                if let Some(end) = self.feed(Dir::Down, &upstream_leftover, grace) {
                     break 'relay end;
                 }
             }
             if !client_leftover.is_empty() {
-                if let Some(end) = self.feed(Dir::Up, client_leftover, grace) {
+                if let Some(end) = self.feed(Dir::Up, &client_leftover, grace) {
                     break 'relay end;
                 }
             }
+            drop((client_leftover, upstream_leftover));
             let snap = gate_rx.borrow_and_update().clone();
             if !snap.up {
                 break 'relay End::Down(snap);
@@ -775,7 +776,8 @@ impl Session {
     async fn await_client_close(&mut self, deadline: tokio::time::Instant) {
         let mut scanner = FrameScanner::new(ws::From::Client, usize::MAX);
         let mut carry: Vec<u8> = std::mem::take(&mut self.up.carry);
-        let mut buf = [0u8; 1024];
+        // Small: this array lives in every session's future.
+        let mut buf = [0u8; 256];
         loop {
             let n = {
                 let k = carry.len().min(buf.len());

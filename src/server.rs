@@ -516,11 +516,15 @@ async fn handshake_inner(
             }
         };
         let client = parts.io.into_inner();
+        // Copy what hyper read past the request (normally nothing): `read_buf` may be a
+        // view into hyper's 8 KiB read buffer, which must not live as long as the session.
+        let client_leftover = parts.read_buf.to_vec();
+        drop(parts.read_buf);
         tracing::debug!(session = id, peer = %info.peer, path = %info.path, "session opened");
         let session = Session::new(task_shared.clone(), info, client, connected.stream);
         let hard_stop = task_shared.hard_stop.clone();
         tokio::select! {
-            _ = session.run(&parts.read_buf, &connected.leftover) => {}
+            _ = session.run(client_leftover, connected.leftover) => {}
             _ = hard_stop.cancelled() => {
                 task_shared.session_aborted(role);
             }

@@ -31,12 +31,30 @@ fn lifeguard(args: &[&str]) -> Command {
 fn bad_configuration_exits_64_with_one_message() {
     let cases: &[(&[&str], &str)] = &[
         (&[], "missing upstream"),
-        (&["--upstream", "http://napcat:3001"], "must start with ws://"),
-        (&["--upstream", "ws://napcat:3001", "--probe-interval", "5"], "invalid duration"),
-        (&["--upstream", "ws://napcat:3001", "--fall", "two"], "--fall"),
-        (&["--upstream", "ws://napcat:3001", "--listen", "nowhere"], "--listen"),
-        (&["--upstream", "ws://napcat:3001", "--heartbeat-grace", "0.5"], "heartbeat_grace"),
-        (&["--upstream", "ws://napcat:3001", "--no-such-flag"], "--no-such-flag"),
+        (
+            &["--upstream", "http://napcat:3001"],
+            "must start with ws://",
+        ),
+        (
+            &["--upstream", "ws://napcat:3001", "--probe-interval", "5"],
+            "invalid duration",
+        ),
+        (
+            &["--upstream", "ws://napcat:3001", "--fall", "two"],
+            "--fall",
+        ),
+        (
+            &["--upstream", "ws://napcat:3001", "--listen", "nowhere"],
+            "--listen",
+        ),
+        (
+            &["--upstream", "ws://napcat:3001", "--heartbeat-grace", "0.5"],
+            "heartbeat_grace",
+        ),
+        (
+            &["--upstream", "ws://napcat:3001", "--no-such-flag"],
+            "--no-such-flag",
+        ),
     ];
     for (args, expect) in cases {
         let out = lifeguard(args).output().unwrap();
@@ -48,8 +66,18 @@ fn bad_configuration_exits_64_with_one_message() {
     assert_eq!(out.status.code(), Some(0));
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
-        "--listen", "--upstream", "--access-token", "--upstream-token", "--admin-listen", "--probe-interval",
-        "--probe-timeout", "--fall", "--rise", "--heartbeat-grace", "--close-timeout", "--drain-timeout",
+        "--listen",
+        "--upstream",
+        "--access-token",
+        "--upstream-token",
+        "--admin-listen",
+        "--probe-interval",
+        "--probe-timeout",
+        "--fall",
+        "--rise",
+        "--heartbeat-grace",
+        "--close-timeout",
+        "--drain-timeout",
     ] {
         assert!(help.contains(flag), "{flag} in --help");
     }
@@ -63,7 +91,10 @@ fn bad_configuration_exits_64_with_one_message() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("probe_interval = 250ms"), "{text}");
-    assert!(text.contains("access_token = ***") && !text.contains("hunter2"), "{text}");
+    assert!(
+        text.contains("access_token = ***") && !text.contains("hunter2"),
+        "{text}"
+    );
 }
 
 struct Running {
@@ -77,7 +108,13 @@ struct Running {
 impl Running {
     fn start(upstream: &str, extra: &[&str], rust_log: &str) -> Running {
         let mut args = vec![
-            "--upstream", upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--probe-interval",
+            "--upstream",
+            upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--probe-interval",
             "100ms",
         ];
         args.extend_from_slice(extra);
@@ -106,9 +143,20 @@ impl Running {
         };
         let field = |name: &str| -> SocketAddr {
             let at = started.find(&format!("{name}=")).unwrap() + name.len() + 1;
-            started[at..].split_whitespace().next().unwrap().parse().unwrap()
+            started[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
         };
-        Running { addr: field("listen"), admin: field("admin"), child, lines: rx, log }
+        Running {
+            addr: field("listen"),
+            admin: field("admin"),
+            child,
+            lines: rx,
+            log,
+        }
     }
 
     fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
@@ -120,7 +168,10 @@ impl Running {
                 }
                 return (status.code(), t0.elapsed());
             }
-            assert!(t0.elapsed() < limit, "lifeguard did not exit within {limit:?}");
+            assert!(
+                t0.elapsed() < limit,
+                "lifeguard did not exit within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -134,7 +185,9 @@ impl Drop for Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_every_session_with_1001_and_exits_0() {
-    let sim = NapSim::start(SimConfig::default().with_heartbeat_interval(None)).await.unwrap();
+    let sim = NapSim::start(SimConfig::default().with_heartbeat_interval(None))
+        .await
+        .unwrap();
     let mut lg = Running::start(&sim.url(), &["--drain-timeout", "10s"], "info");
     let deadline = Instant::now() + SOON;
     while http(lg.admin, "GET", "/ready").await.0 != 200 {
@@ -158,7 +211,10 @@ async fn sigterm_closes_every_session_with_1001_and_exits_0() {
     for (path, ws) in clients.iter_mut() {
         let end = read_to_end(ws, SOON).await;
         assert_eq!(end.code(), Some(1001), "{path}: {end:?}");
-        assert!(end.close.as_ref().unwrap().1.contains("shutting down"), "{end:?}");
+        assert!(
+            end.close.as_ref().unwrap().1.contains("shutting down"),
+            "{end:?}"
+        );
         if *path == "/api" {
             assert!(end.texts.is_empty(), "{end:?}");
         } else {
@@ -167,11 +223,31 @@ async fn sigterm_closes_every_session_with_1001_and_exits_0() {
     }
     let (code, took) = tokio::task::block_in_place(|| lg.wait_exit(Duration::from_secs(12)));
     assert_eq!(code, Some(0), "{:#?}", lg.log);
-    assert!(took < Duration::from_secs(5), "drained long before the 10s budget: {took:?}");
-    let closed: Vec<_> = lg.log.iter().filter(|l| l.contains("session closed")).collect();
-    assert_eq!(closed.len(), 3, "one log line per termination: {:#?}", lg.log);
+    assert!(
+        took < Duration::from_secs(5),
+        "drained long before the 10s budget: {took:?}"
+    );
+    let closed: Vec<_> = lg
+        .log
+        .iter()
+        .filter(|l| l.contains("session closed"))
+        .collect();
+    assert_eq!(
+        closed.len(),
+        3,
+        "one log line per termination: {:#?}",
+        lg.log
+    );
     for l in closed {
-        for field in ["session=", "peer=", "path=", "cause=\"shutdown\"", "lifetime_ms=", "frames_to_client=", "frames_to_backend="] {
+        for field in [
+            "session=",
+            "peer=",
+            "path=",
+            "cause=\"shutdown\"",
+            "lifetime_ms=",
+            "frames_to_client=",
+            "frames_to_backend=",
+        ] {
             assert!(l.contains(field), "{field} in {l}");
         }
     }
@@ -180,11 +256,22 @@ async fn sigterm_closes_every_session_with_1001_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_never_reach_the_logs() {
-    let sim = NapSim::start(SimConfig::default().with_heartbeat_interval(None).with_token("up-s3cret-token")).await.unwrap();
+    let sim = NapSim::start(
+        SimConfig::default()
+            .with_heartbeat_interval(None)
+            .with_token("up-s3cret-token"),
+    )
+    .await
+    .unwrap();
     // Debug level: everything lifeguard (and its HTTP stack) could log.
     let mut lg = Running::start(
         &sim.url(),
-        &["--access-token", "cl-s3cret-token", "--upstream-token", "up-s3cret-token"],
+        &[
+            "--access-token",
+            "cl-s3cret-token",
+            "--upstream-token",
+            "up-s3cret-token",
+        ],
         "debug",
     );
     let deadline = Instant::now() + SOON;
@@ -198,11 +285,17 @@ async fn tokens_never_reach_the_logs() {
     let bad = format!("ws://{}/?access_token=wrong-s3cret-guess", lg.addr);
     assert_eq!(refused_req(bad).await.0, 403);
     drop(ws);
-    assert_eq!(unsafe { libc::kill(lg.child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(lg.child.id() as i32, libc::SIGTERM) },
+        0
+    );
     let (code, _) = tokio::task::block_in_place(|| lg.wait_exit(Duration::from_secs(12)));
     assert_eq!(code, Some(0));
     let all = lg.log.join("\n");
     assert!(all.contains("session closed"), "{all}");
-    assert!(!all.contains("s3cret"), "a token leaked into the logs:\n{all}");
+    assert!(
+        !all.contains("s3cret"),
+        "a token leaked into the logs:\n{all}"
+    );
     sim.shutdown().await;
 }
