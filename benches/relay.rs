@@ -53,6 +53,14 @@ enum Cmd {
     },
     /// Measure one target and append JSON lines to --out.
     Run(Box<RunArgs>),
+    /// Reference relay, not a product: copies bytes both ways (tokio, 64 KiB buffers) and
+    /// parses nothing but nothing else either; the floor of a user-space proxy's cost here.
+    Floor {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
     /// Aggregate JSON lines into the table.
     Report {
         #[arg(long)]
@@ -129,6 +137,7 @@ fn main() {
         match cli.cmd {
             Cmd::Sim { listen, control } => sim_mode(listen, control).await,
             Cmd::Run(args) => run_mode(*args).await,
+            Cmd::Floor { listen, upstream } => floor_mode(listen, upstream).await,
             Cmd::Report { input, markdown } => report_mode(input, markdown),
         }
     });
@@ -204,6 +213,20 @@ async fn sim_mode(listen: SocketAddr, control: SocketAddr) -> Res<()> {
                     break;
                 }
             }
+        });
+    }
+}
+
+async fn floor_mode(listen: SocketAddr, upstream: SocketAddr) -> Res<()> {
+    let l = TcpListener::bind(listen).await?;
+    loop {
+        let (mut c, _) = l.accept().await?;
+        tokio::spawn(async move {
+            let Ok(mut u) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let _ = (c.set_nodelay(true), u.set_nodelay(true));
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, 65536, 65536).await;
         });
     }
 }
@@ -745,14 +768,23 @@ async fn disable(cx: &mut Ctx, admin: SocketAddr, n: usize) -> Res<()> {
     wait_ready(admin, cx.limit).await?;
     let s = open_sessions(&cx.url("/"), n, cx.limit).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let (p0, s0, m0) = (cpu_secs(&cx.pids), cpu_secs(&cx.sim_pid), cpu_secs(&cx.me));
     let t0 = Instant::now();
     let code = http(admin, "POST", "/disable").await?;
     let (ms, closes, others, disables) = close_times(s, t0, Duration::from_secs(20)).await;
+    let (p1, s1, m1) = (cpu_secs(&cx.pids), cpu_secs(&cx.sim_pid), cpu_secs(&cx.me));
+    eprintln!(
+        "  disable: CPU-ms until the last close: lifeguard {:.0}, simulator {:.0}, load generator {:.0}",
+        (p1 - p0) * 1e3,
+        (s1 - s0) * 1e3,
+        (m1 - m0) * 1e3
+    );
     eprintln!(
         "  disable: HTTP {code}; {closes} Close frames, {others} ended without one, {disables} saw the disable event, of {n}"
     );
     cx.record("disable_ms", ms);
     cx.record("disable_closed_frac", closes as f64 / n as f64);
+    cx.record("disable_proxy_cpu_ms", (p1 - p0) * 1e3);
     let code = http(admin, "POST", "/enable").await?;
     if code >= 300 {
         return Err(format!("POST /enable answered {code}").into());
@@ -889,7 +921,7 @@ const ROWS: &[Row] = &[
     },
 ];
 
-const TARGETS: &[&str] = &["direct", "lifeguard", "nginx", "haproxy"];
+const TARGETS: &[&str] = &["direct", "lifeguard", "nginx", "haproxy", "floor"];
 
 fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));

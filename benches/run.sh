@@ -4,9 +4,11 @@
 #   benches/run.sh                 full run: 5 interleaved repetitions of every target
 #   benches/run.sh --quick         smoke run (a few seconds; debug build; 1 repetition;
 #                                  nginx/haproxy only if already installed)
-#   options: --reps N  --targets "direct lifeguard nginx haproxy"  --no-install
+#   options: --reps N  --targets "direct lifeguard nginx haproxy floor"  --no-install
 #            --release (quick run with release builds)  --out DIR (default target/bench)
 #
+# `floor` is a reference, not a competitor: the relay bench binary copying bytes both ways
+# (tokio copy_bidirectional, 64 KiB buffers), the cost of one user-space hop and nothing else.
 # Everything listens on 127.0.0.1 only. One simulator process (lifeguard::sim, driven by the
 # `relay` bench binary) is the upstream of every target. Results: DIR/results.jsonl and the
 # table in DIR/table.md (also printed).
@@ -15,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 QUICK=0
 REPS=""
-TARGETS="direct lifeguard nginx haproxy"
+TARGETS="direct lifeguard nginx haproxy floor"
 INSTALL=1
 RELEASE=""
 OUT=target/bench
@@ -52,6 +54,7 @@ LG_PORT=$((BASE_PORT + 10))
 LG_ADMIN=$((BASE_PORT + 11))
 NGINX_PORT=$((BASE_PORT + 20))
 HAP_PORT=$((BASE_PORT + 30))
+FLOOR_PORT=$((BASE_PORT + 40))
 
 # 9,000 sessions: the load generator holds 9,000 fds, the simulator 9,000, a proxy 18,000.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -200,6 +203,11 @@ start_target() { # name: sets URL, PIDS, ADMIN_ARG, TARGET_PID
       TARGET_PID=$!
       wait_port "$HAP_PORT"
       URL="ws://127.0.0.1:$HAP_PORT"; PIDS=$TARGET_PID ;;
+    floor) # reference: a byte-copying relay (tokio, 64 KiB buffers), no parsing at all
+      "$RELAY" floor --listen "127.0.0.1:$FLOOR_PORT" --upstream "127.0.0.1:$SIM_PORT" &
+      TARGET_PID=$!
+      wait_port "$FLOOR_PORT"
+      URL="ws://127.0.0.1:$FLOOR_PORT"; PIDS=$TARGET_PID ;;
     *) echo "run.sh: unknown target $1" >&2; return 1 ;;
   esac
 }
