@@ -368,6 +368,9 @@ pub struct Settings {
     pub upstream: UpstreamUrl,
     pub access_token: Option<Secret>,
     pub upstream_token: Option<Secret>,
+    /// The operator set the upstream token (flag, env or file) rather than letting it
+    /// default to the access token; NapCat-config watching then leaves it alone.
+    pub upstream_token_explicit: bool,
     pub admin_listen: SocketAddr,
     pub probe: ProbeSettings,
     pub heartbeat_grace: f64,
@@ -389,39 +392,131 @@ pub enum ConfigError {
     Invalid(String),
     #[error("config file {path}: {message}")]
     File { path: PathBuf, message: String },
+    /// Several problems, each one clear line (what `check-config` prints, one per line).
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// Every problem as its own line.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Many(all) => all.iter().flat_map(|e| e.problems()).collect(),
+            e => vec![e.to_string()],
+        }
+    }
+
+    fn many(mut all: Vec<ConfigError>) -> ConfigError {
+        if all.len() == 1 {
+            all.remove(0)
+        } else {
+            ConfigError::Many(all)
+        }
+    }
+}
+
+/// Where the config file came from, to name the file and the line of a key in errors.
+#[derive(Debug, Clone, Copy)]
+pub struct FileSource<'a> {
+    pub path: &'a Path,
+    pub text: &'a str,
+}
+
+impl FileSource<'_> {
+    /// The 1-based line a top-level key is written on, if it is.
+    fn line_of(&self, key: &str) -> Option<usize> {
+        let table = toml::de::DeTable::parse(self.text).ok()?;
+        let (k, _) = table.get_ref().iter().find(|(k, _)| k.get_ref() == key)?;
+        let start = k.span().start.min(self.text.len());
+        Some(self.text[..start].matches('\n').count() + 1)
+    }
 }
 
 impl Settings {
     /// Read `--config` (when given) and resolve everything; what `main` and `check-config` use.
+    ///
+    /// Every problem is reported, not only the first: unreadable file, each bad key (with
+    /// its line), each bad value (with the flag or the file line it came from).
     pub fn load(args: &RunArgs) -> Result<Settings, ConfigError> {
-        let file = match &args.config {
-            Some(path) => Some(read_file_config(path)?),
-            None => None,
+        let Some(path) = &args.config else {
+            return Settings::resolve(args, None);
         };
-        Settings::resolve(args, file.as_ref())
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let src = FileSource { path, text: &text };
+        let (file, file_problems, syntax_ok) = parse_keys(&text);
+        if !syntax_ok {
+            // Nothing in the file could be read: its syntax error is the one problem.
+            return Err(ConfigError::many(
+                file_problems
+                    .into_iter()
+                    .map(|message| ConfigError::File {
+                        path: path.to_path_buf(),
+                        message,
+                    })
+                    .collect(),
+            ));
+        }
+        let mut problems: Vec<ConfigError> = file_problems
+            .into_iter()
+            .map(|message| ConfigError::File {
+                path: path.to_path_buf(),
+                message,
+            })
+            .collect();
+        match Settings::resolve_from(args, Some(&file), Some(src)) {
+            Ok(s) if problems.is_empty() => Ok(s),
+            Ok(_) => Err(ConfigError::many(problems)),
+            Err(e) => {
+                problems.extend(match e {
+                    ConfigError::Many(all) => all,
+                    e => vec![e],
+                });
+                Err(ConfigError::many(problems))
+            }
+        }
     }
 
     /// Merge: command line/env first, then the file, then defaults; then validate.
     pub fn resolve(args: &RunArgs, file: Option<&FileConfig>) -> Result<Settings, ConfigError> {
+        Settings::resolve_from(args, file, None)
+    }
+
+    /// [`Settings::resolve`], naming the file and line of a bad value that came from it.
+    pub fn resolve_from(
+        args: &RunArgs,
+        file: Option<&FileConfig>,
+        src: Option<FileSource<'_>>,
+    ) -> Result<Settings, ConfigError> {
         let f = file.cloned().unwrap_or_default();
-        let invalid = |m: String| ConfigError::Invalid(m);
-        let upstream = args.upstream.clone().or(f.upstream).ok_or_else(|| {
-            invalid(
-                "missing upstream: pass --upstream ws://host:port (or LIFEGUARD_UPSTREAM, or `upstream` in the config file)"
-                    .into(),
-            )
-        })?;
-        let upstream = UpstreamUrl::parse(&upstream).map_err(invalid)?;
+        let mut problems: Vec<ConfigError> = Vec::new();
+        let upstream = match args.upstream.clone().or(f.upstream.clone()) {
+            None => {
+                problems.push(ConfigError::Invalid(
+                    "missing upstream: pass --upstream ws://host:port (or LIFEGUARD_UPSTREAM, or `upstream` in the config file)"
+                        .into(),
+                ));
+                None
+            }
+            Some(u) => match UpstreamUrl::parse(&u) {
+                Ok(u) => Some(u),
+                Err(m) => {
+                    problems.push(located(args.upstream.is_some(), "upstream", src, m));
+                    None
+                }
+            },
+        };
         let access_token = args
             .access_token
             .clone()
-            .or(f.access_token)
+            .or(f.access_token.clone())
             .filter(|t| !t.is_empty())
             .map(Secret);
-        let upstream_token = args
-            .upstream_token
-            .clone()
-            .or(f.upstream_token)
+        let explicit_upstream_token = args.upstream_token.clone().or(f.upstream_token.clone());
+        let upstream_token_explicit = explicit_upstream_token.is_some();
+        let upstream_token = explicit_upstream_token
             .map(Secret)
             .or_else(|| access_token.clone())
             .filter(|t| !t.0.is_empty());
@@ -443,9 +538,15 @@ impl Settings {
                 .listen
                 .or(f.listen)
                 .unwrap_or_else(|| parse_default(DEFAULT_LISTEN)),
-            upstream,
+            // Placeholder while collecting problems; never returned without a real one.
+            upstream: upstream.clone().unwrap_or(UpstreamUrl {
+                host: String::new(),
+                port: 0,
+                base_path: String::new(),
+            }),
             access_token,
             upstream_token,
+            upstream_token_explicit,
             admin_listen: args
                 .admin_listen
                 .or(f.admin_listen)
@@ -471,40 +572,82 @@ impl Settings {
                 .max_message_size
                 .or(f.max_message_size)
                 .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE),
-            napcat_config: args.napcat_config.clone().or(f.napcat_config),
-            napcat_server: args.napcat_server.clone().or(f.napcat_server),
+            napcat_config: args.napcat_config.clone().or(f.napcat_config.clone()),
+            napcat_server: args.napcat_server.clone().or(f.napcat_server.clone()),
             offline_is_down: args.offline_is_down.or(f.offline_is_down).unwrap_or(true),
             client_heartbeat: args.client_heartbeat.or(f.client_heartbeat),
             log_format: args.log_format.or(f.log_format).unwrap_or_default(),
         };
-        s.validate()?;
-        Ok(s)
+        let from_flag = |key: &str| -> bool {
+            match key {
+                "probe_interval" => args.probe_interval.is_some(),
+                "probe_timeout" => args.probe_timeout.is_some(),
+                "fall" => args.fall.is_some(),
+                "rise" => args.rise.is_some(),
+                "heartbeat_grace" => args.heartbeat_grace.is_some(),
+                "connect_timeout" => args.connect_timeout.is_some(),
+                "max_message_size" => args.max_message_size.is_some(),
+                "client_heartbeat" => args.client_heartbeat.is_some(),
+                "napcat_server" => args.napcat_server.is_some(),
+                _ => false,
+            }
+        };
+        for (key, message) in s.validate() {
+            problems.push(located(from_flag(key), key, src, message));
+        }
+        if problems.is_empty() && upstream.is_some() {
+            Ok(s)
+        } else {
+            Err(ConfigError::many(problems))
+        }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        if self.probe.interval.is_zero() {
-            return bad("probe_interval must be above 0 (write it like 1s)");
-        }
-        if self.probe.timeout.is_zero() {
-            return bad("probe_timeout must be above 0 (write it like 1s)");
-        }
-        if self.probe.fall == 0 || self.probe.rise == 0 {
-            return bad("fall and rise must be at least 1");
-        }
-        if !(self.heartbeat_grace.is_finite() && self.heartbeat_grace >= 1.0) {
-            return bad("heartbeat_grace must be a number >= 1 (a factor of the backend's heartbeat interval)");
-        }
-        if self.connect_timeout.is_zero() {
-            return bad("connect_timeout must be above 0");
-        }
-        if self.max_message_size < 1024 {
-            return bad("max_message_size must be at least 1024 bytes");
-        }
-        if self.client_heartbeat.is_some_and(|d| d.is_zero()) {
-            return bad("client_heartbeat must be above 0 (leave it unset to turn it off)");
-        }
-        Ok(())
+    /// Every problem with the values, as (key, message); empty when all is well.
+    fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut bad: Vec<(&'static str, String)> = Vec::new();
+        let mut check = |ok: bool, key: &'static str, m: &str| {
+            if !ok {
+                bad.push((key, m.to_string()));
+            }
+        };
+        check(
+            !self.probe.interval.is_zero(),
+            "probe_interval",
+            "probe_interval must be above 0 (write it like 1s)",
+        );
+        check(
+            !self.probe.timeout.is_zero(),
+            "probe_timeout",
+            "probe_timeout must be above 0 (write it like 1s)",
+        );
+        check(self.probe.fall >= 1, "fall", "fall must be at least 1");
+        check(self.probe.rise >= 1, "rise", "rise must be at least 1");
+        check(
+            self.heartbeat_grace.is_finite() && self.heartbeat_grace >= 1.0,
+            "heartbeat_grace",
+            "heartbeat_grace must be a number >= 1 (a factor of the backend's heartbeat interval)",
+        );
+        check(
+            !self.connect_timeout.is_zero(),
+            "connect_timeout",
+            "connect_timeout must be above 0",
+        );
+        check(
+            self.max_message_size >= 1024,
+            "max_message_size",
+            "max_message_size must be at least 1024 bytes",
+        );
+        check(
+            !self.client_heartbeat.is_some_and(|d| d.is_zero()),
+            "client_heartbeat",
+            "client_heartbeat must be above 0 (leave it unset to turn it off)",
+        );
+        check(
+            !self.napcat_server.as_ref().is_some_and(|n| n.is_empty()),
+            "napcat_server",
+            "napcat_server must not be empty (leave it unset to match by port)",
+        );
+        bad
     }
 
     /// The settings as `check-config` prints them: one `key = value` a line, secrets masked.
@@ -559,24 +702,111 @@ pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    parse_file_config(&text).map_err(|message| ConfigError::File {
-        path: path.to_path_buf(),
-        message,
-    })
+    let (file, problems) = parse_file_config_partial(&text);
+    if problems.is_empty() {
+        return Ok(file);
+    }
+    Err(ConfigError::many(
+        problems
+            .into_iter()
+            .map(|message| ConfigError::File {
+                path: path.to_path_buf(),
+                message,
+            })
+            .collect(),
+    ))
 }
 
-/// Parse config file text; the error names the line and the field.
+/// Parse config file text; the error names the line and the field (every bad key, one
+/// per line of the message).
 pub fn parse_file_config(text: &str) -> Result<FileConfig, String> {
-    toml::from_str::<FileConfig>(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|sp| text[..sp.start.min(text.len())].matches('\n').count() + 1);
-        let msg = e.message().trim().to_string();
-        match line {
-            Some(l) => format!("line {l}: {msg}"),
-            None => msg,
+    let (file, problems) = parse_file_config_partial(text);
+    if problems.is_empty() {
+        Ok(file)
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+/// Parse config file text key by key: the keys that are fine, and one message per bad key
+/// (`line N: ...`). A TOML syntax error stops everything: one message, no keys.
+pub fn parse_file_config_partial(text: &str) -> (FileConfig, Vec<String>) {
+    let (file, problems, _) = parse_keys(text);
+    (file, problems)
+}
+
+/// (good keys, one message per bad key in line order, the TOML syntax was fine).
+fn parse_keys(text: &str) -> (FileConfig, Vec<String>, bool) {
+    let line_at = |pos: usize| text[..pos.min(text.len())].matches('\n').count() + 1;
+    let table = match text.parse::<toml::Table>() {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.message().trim().to_string();
+            let msg = match e.span() {
+                Some(sp) => format!("line {}: {msg}", line_at(sp.start)),
+                None => msg,
+            };
+            return (FileConfig::default(), vec![msg], false);
         }
-    })
+    };
+    let spans = toml::de::DeTable::parse(text).ok();
+    let key_line = |key: &str| -> Option<usize> {
+        let t = spans.as_ref()?;
+        let (k, _) = t.get_ref().iter().find(|(k, _)| k.get_ref() == key)?;
+        Some(line_at(k.span().start))
+    };
+    let mut good = toml::Table::new();
+    let mut problems: Vec<(usize, String)> = Vec::new();
+    for (key, value) in table {
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), value.clone());
+        match toml::Value::Table(one).try_into::<FileConfig>() {
+            Ok(_) => {
+                good.insert(key, value);
+            }
+            Err(e) => {
+                let msg = e.message().trim().to_string();
+                let msg = if msg.contains(&format!("`{key}`")) || msg.contains(&key) {
+                    msg
+                } else {
+                    format!("{key}: {msg}")
+                };
+                problems.push(match key_line(&key) {
+                    Some(l) => (l, format!("line {l}: {msg}")),
+                    None => (0, msg),
+                });
+            }
+        }
+    }
+    let file = toml::Value::Table(good)
+        .try_into::<FileConfig>()
+        .unwrap_or_default();
+    problems.sort_by_key(|p| p.0);
+    (file, problems.into_iter().map(|p| p.1).collect(), true)
+}
+
+/// A bad value, named by where it came from: the flag (or its env var), or the file's line.
+fn located(
+    from_flag: bool,
+    key: &str,
+    src: Option<FileSource<'_>>,
+    message: String,
+) -> ConfigError {
+    if from_flag {
+        let flag = key.replace('_', "-");
+        let env = format!("LIFEGUARD_{}", key.to_uppercase());
+        return ConfigError::Invalid(format!("--{flag} (or {env}): {message}"));
+    }
+    match src {
+        Some(src) => ConfigError::File {
+            path: src.path.to_path_buf(),
+            message: match src.line_of(key) {
+                Some(l) => format!("line {l}: {message}"),
+                None => message,
+            },
+        },
+        None => ConfigError::Invalid(message),
+    }
 }
 
 #[cfg(test)]
@@ -649,5 +879,32 @@ mod tests {
     fn missing_upstream_is_one_clear_error() {
         let err = Settings::resolve(&RunArgs::default(), None).unwrap_err();
         assert!(err.to_string().contains("--upstream"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("lifeguard-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("many.toml");
+        std::fs::write(
+            &path,
+            "upstream = \"ws://h:1\"\nfall = 0\nrise = \"two\"\nnope = 1\nheartbeat_grace = 0.5\n",
+        )
+        .unwrap();
+        let a = RunArgs {
+            config: Some(path.clone()),
+            probe_interval: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        let err = Settings::load(&a).unwrap_err();
+        let p = err.problems();
+        assert_eq!(p.len(), 5, "{p:#?}");
+        let has = |needle: &str| p.iter().any(|l| l.contains(needle));
+        assert!(has("line 2: fall must be at least 1"), "{p:#?}");
+        assert!(has("line 3: rise"), "{p:#?}");
+        assert!(has("line 4: unknown field `nope`"), "{p:#?}");
+        assert!(has("line 5: heartbeat_grace"), "{p:#?}");
+        assert!(has("--probe-interval"), "{p:#?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

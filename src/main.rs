@@ -28,7 +28,9 @@ fn main() -> ExitCode {
             let settings = match Settings::load(&cli.run) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("lifeguard: {e}");
+                    for p in e.problems() {
+                        eprintln!("lifeguard: {p}");
+                    }
                     return ExitCode::from(EXIT_USAGE as u8);
                 }
             };
@@ -45,7 +47,10 @@ fn check_config(args: &RunArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("lifeguard: {e}");
+            // One line per problem.
+            for p in e.problems() {
+                eprintln!("lifeguard: {p}");
+            }
             ExitCode::from(EXIT_USAGE as u8)
         }
     }
