@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod napcat;
 pub mod onebot;
 pub mod relay;
 pub mod reload;

@@ -50,6 +50,10 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Every applied configuration, for sessions to re-check themselves against.
     settings_tx: tokio::sync::watch::Sender<Arc<Settings>>,
+    // --- config issue (hot reload + NapCat config): ---
+    /// lifeguard's own settings and NapCat's view of the upstream, combined; config
+    /// reloads and the NapCat follower change settings through it.
+    pub layers: crate::napcat::Layers,
 }
 
 fn role_index(r: Role) -> usize {
@@ -78,6 +82,7 @@ impl Shared {
             background: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            layers: Default::default(),
         })
     }
 
@@ -185,6 +190,17 @@ impl Proxy {
         shared
             .background
             .spawn(crate::admin::serve(shared.clone(), admin));
+        // --- config issue: follow NapCat's config file (`--napcat-config`); idle while unset,
+        // so a reload can set or change it. Ends on the hard stop like the prober.
+        shared
+            .background
+            .spawn(crate::napcat::run(shared.clone(), shared.hard_stop.clone()));
+        // --- config issue: while down because QQ is logged out, ask the backend (get_status)
+        // whether it is back, since no session is open to see a heartbeat say so.
+        shared.background.spawn(crate::napcat::watch_login(
+            shared.clone(),
+            shared.hard_stop.clone(),
+        ));
         tracing::info!(
             listen = %addr,
             admin = %admin_addr,
