@@ -72,15 +72,25 @@ const REPLY_KEYS: [&[u8]; 6] = [
     b"status", b"retcode", b"data", b"echo", b"message", b"wording",
 ];
 
-/// Classify a backend text frame: a look at its first key and one substring search;
-/// JSON is parsed only for meta events (a heartbeat every few seconds).
+/// Whether a backend text frame (or its first bytes) is an API reply: its first key.
+pub fn is_reply(payload: &[u8]) -> bool {
+    first_key(payload).is_some_and(|key| REPLY_KEYS.contains(&key))
+}
+
+/// Meta events name themselves early (NapCat: third key; go-cqhttp: sorted keys); a
+/// message event is never searched past this many bytes.
+const META_WINDOW: usize = 256;
+
+/// Classify a backend text frame: a look at its first key and one bounded substring
+/// search; JSON is parsed only for meta events (a heartbeat every few seconds).
 pub fn classify(payload: &[u8]) -> Kind {
-    if let Some(key) = first_key(payload) {
-        if REPLY_KEYS.contains(&key) {
-            return Kind::Reply;
-        }
+    if is_reply(payload) {
+        return Kind::Reply;
     }
-    if META.find(payload).is_none() {
+    if META
+        .find(&payload[..payload.len().min(META_WINDOW)])
+        .is_none()
+    {
         return Kind::Event;
     }
     #[derive(Deserialize)]

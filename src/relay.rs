@@ -202,7 +202,12 @@ impl Direction {
     }
 
     /// Relay what `src` has to `dst`, scanning frames on the way.
-    fn pump(&mut self, src: &TcpStream, dst: &TcpStream, on_text: &mut dyn FnMut(&[u8])) -> Step {
+    fn pump(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        on_text: &mut dyn FnMut(&[u8], bool),
+    ) -> Step {
         match self.flush_pending(dst) {
             Ok(true) => {}
             Ok(false) => return Step::Blocked,
@@ -314,7 +319,20 @@ impl Session {
         }
     }
 
-    fn on_backend_text(learned: &mut Learned, shared: &Shared, grace: f64, payload: &[u8]) {
+    fn on_backend_text(
+        learned: &mut Learned,
+        shared: &Shared,
+        grace: f64,
+        payload: &[u8],
+        whole: bool,
+    ) {
+        if !whole {
+            // The start of a large message: only replies matter (for the in-flight count).
+            if onebot::is_reply(payload) {
+                learned.replies += 1;
+            }
+            return;
+        }
         match onebot::classify(payload) {
             Kind::Reply => learned.replies += 1,
             Kind::Event => {}
@@ -446,7 +464,8 @@ impl Session {
                 }
             }
         };
-        self.finish(end).await;
+        // Boxed: the end sequence is allocated when a session ends, not held by idle ones.
+        Box::pin(self.finish(end)).await;
     }
 
     /// A new configuration: does this session still belong?
@@ -515,7 +534,8 @@ impl Session {
             Dir::Down => (&mut self.down, &self.client),
             Dir::Up => (&mut self.up, &self.upstream),
         };
-        let mut on_text = |p: &[u8]| Self::on_backend_text(learned, shared, grace, p);
+        let mut on_text =
+            |p: &[u8], whole: bool| Self::on_backend_text(learned, shared, grace, p, whole);
         let scan = d.scanner.scan(bytes, &mut on_text);
         if let Err(e) = d.send(dst, &bytes[..scan.forward]) {
             return Some(dir.dst_gone(e.to_string()));
@@ -534,7 +554,8 @@ impl Session {
     fn pump(&mut self, dir: Dir, grace: f64) -> Option<End> {
         let shared = &*self.shared;
         let learned = &mut self.learned;
-        let mut on_text = |p: &[u8]| Self::on_backend_text(learned, shared, grace, p);
+        let mut on_text =
+            |p: &[u8], whole: bool| Self::on_backend_text(learned, shared, grace, p, whole);
         let (frames, bytes) = match dir {
             Dir::Down => (self.down.scanner.frames, self.down.scanner.bytes),
             Dir::Up => (self.up.scanner.frames, self.up.scanner.bytes),
@@ -711,7 +732,8 @@ impl Session {
             let step = {
                 let shared = &*self.shared;
                 let learned = &mut self.learned;
-                let mut on_text = |p: &[u8]| Self::on_backend_text(learned, shared, grace, p);
+                let mut on_text =
+                    |p: &[u8], whole: bool| Self::on_backend_text(learned, shared, grace, p, whole);
                 self.down.pump(&self.upstream, &self.client, &mut on_text)
             };
             let waiting_replies = self.learned.replies < requests;
@@ -793,7 +815,7 @@ impl Session {
                 }
             };
             if let Some(total) = n {
-                let scan = scanner.scan(&buf[..total], &mut |_| {});
+                let scan = scanner.scan(&buf[..total], &mut |_, _| {});
                 if scan.stop.is_some() {
                     return;
                 }

@@ -38,6 +38,8 @@ pub mod code {
 /// Text frames from the backend up to this size are classified (connect, heartbeat,
 /// API reply); larger ones are events or bulk replies and stream through unseen.
 pub const CLASSIFY_MAX: usize = 1024;
+/// How much of a larger text message is shown to the classifier (its first key).
+pub const PEEK: usize = 32;
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
 pub fn accept_key(key: &[u8]) -> String {
@@ -182,9 +184,11 @@ impl FrameScanner {
     }
 
     /// Walk `buf` (which starts at a frame boundary or inside the payload that
-    /// [`FrameScanner`] was left in). `on_text` sees every complete, unfragmented text
+    /// [`FrameScanner`] was left in). `on_text(payload, true)` sees every complete, unfragmented text
     /// frame of at most [`CLASSIFY_MAX`] bytes; such a frame is carried rather than split.
-    pub fn scan(&mut self, buf: &[u8], on_text: &mut dyn FnMut(&[u8])) -> Scan {
+    /// frame of at most [`CLASSIFY_MAX`] bytes (such a frame is carried rather than split);
+    /// `on_text(prefix, false)` sees the first [`PEEK`] bytes of every larger text message.
+    pub fn scan(&mut self, buf: &[u8], on_text: &mut dyn FnMut(&[u8], bool)) -> Scan {
         let mut pos = 0usize;
         if let Some(mut p) = self.partial.take() {
             let take = (p.remaining.min((buf.len()) as u64)) as usize;
@@ -260,8 +264,17 @@ impl FrameScanner {
                 return self.violation(pos, (code::TOO_BIG, "message too big"));
             }
             let whole_text = h.opcode == OP_TEXT && h.fin && (h.len as usize) <= CLASSIFY_MAX;
-            if whole_text && self.from == From::Server && avail < h.len {
+            let server_text = h.opcode == OP_TEXT && self.from == From::Server;
+            let peek = if whole_text {
+                h.len
+            } else {
+                h.len.min(PEEK as u64)
+            };
+            if server_text && avail < peek {
                 return self.carry(pos);
+            }
+            if server_text && !whole_text {
+                on_text(&buf[start..start + peek as usize], false);
             }
             self.frames += 1;
             let take = avail.min(h.len) as usize;
@@ -291,7 +304,7 @@ impl FrameScanner {
                 };
             }
             if whole_text && self.from == From::Server {
-                on_text(&buf[start..start + take]);
+                on_text(&buf[start..start + take], true);
             }
             if let Err(v) = self.end_frame(opcode, h.fin) {
                 return self.violation(pos, v);
@@ -477,7 +490,11 @@ mod tests {
 
     fn scan_all(s: &mut FrameScanner, buf: &[u8]) -> (Scan, Vec<Vec<u8>>) {
         let mut texts = Vec::new();
-        let r = s.scan(buf, &mut |t| texts.push(t.to_vec()));
+        let r = s.scan(buf, &mut |t, whole| {
+            if whole {
+                texts.push(t.to_vec())
+            }
+        });
         (r, texts)
     }
 
@@ -519,6 +536,22 @@ mod tests {
         let (r, _) = scan_all(&mut s, &big[100..]);
         assert_eq!(r.forward, big.len() - 100);
         assert!(s.at_boundary());
+    }
+
+    #[test]
+    fn large_text_messages_show_their_first_bytes() {
+        let mut payload = br#"{"status":"ok","retcode":0,"data":["#.to_vec();
+        payload.resize(5000, b' ');
+        let frame = encode_frame(OP_TEXT, &payload, None);
+        let mut s = FrameScanner::new(From::Server, 1 << 20);
+        let mut seen = Vec::new();
+        // The header and 10 bytes are not enough to classify: carried.
+        let r = s.scan(&frame[..14], &mut |p, whole| seen.push((p.to_vec(), whole)));
+        assert_eq!((r.forward, r.carry), (0, true));
+        let r = s.scan(&frame[..100], &mut |p, whole| seen.push((p.to_vec(), whole)));
+        assert_eq!((r.forward, r.carry), (100, false));
+        assert_eq!(seen, vec![(payload[..PEEK].to_vec(), false)]);
+        assert!(crate::onebot::is_reply(&seen[0].0));
     }
 
     #[test]
