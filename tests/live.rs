@@ -97,7 +97,7 @@ async fn client_keepalive_fills_silence_only() {
     // Idle: a heartbeat roughly every 200 ms, built for this client.
     let (beats, _) = collect(&mut ws, Duration::from_millis(1500)).await;
     assert!(
-        (4..=9).contains(&beats.len()),
+        (3..=9).contains(&beats.len()),
         "about 7 heartbeats in 1.5 s, got {}",
         beats.len()
     );
