@@ -548,7 +548,9 @@ mod tests {
         // The header and 10 bytes are not enough to classify: carried.
         let r = s.scan(&frame[..14], &mut |p, whole| seen.push((p.to_vec(), whole)));
         assert_eq!((r.forward, r.carry), (0, true));
-        let r = s.scan(&frame[..100], &mut |p, whole| seen.push((p.to_vec(), whole)));
+        let r = s.scan(&frame[..100], &mut |p, whole| {
+            seen.push((p.to_vec(), whole))
+        });
         assert_eq!((r.forward, r.carry), (100, false));
         assert_eq!(seen, vec![(payload[..PEEK].to_vec(), false)]);
         assert!(crate::onebot::is_reply(&seen[0].0));
