@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig) => check_config(&cli.run),
         Some(Command::Health(h)) => lifeguard::cli::health(&cli.run, &h),
         Some(Command::Demo(d)) => {
-            lifeguard::cli::init_tracing(cli.run.log_format.unwrap_or_default());
+            let _log = lifeguard::cli::init_tracing(cli.run.log_format.unwrap_or_default());
             runtime().block_on(lifeguard::demo::run(cli.run, d))
         }
         None => {
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE as u8);
                 }
             };
-            lifeguard::cli::init_tracing(settings.log_format);
+            let _log = lifeguard::cli::init_tracing(settings.log_format);
             runtime().block_on(lifeguard::cli::serve(cli.run, settings))
         }
     }

@@ -77,6 +77,16 @@ pub fn is_reply(payload: &[u8]) -> bool {
     first_key(payload).is_some_and(|key| REPLY_KEYS.contains(&key))
 }
 
+/// NapCat's message and user events begin `{"self_id":N,"user_id":`; no meta event has a
+/// `user_id`. The hot path (group messages) is decided by this prefix alone.
+fn napcat_user_event(p: &[u8]) -> bool {
+    let Some(rest) = p.strip_prefix(b"{\"self_id\":") else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && rest[digits..].starts_with(b",\"user_id\":")
+}
+
 /// Meta events name themselves early (NapCat: third key; go-cqhttp: sorted keys); a
 /// message event is never searched past this many bytes.
 const META_WINDOW: usize = 256;
@@ -84,6 +94,9 @@ const META_WINDOW: usize = 256;
 /// Classify a backend text frame: a look at its first key and one bounded substring
 /// search; JSON is parsed only for meta events (a heartbeat every few seconds).
 pub fn classify(payload: &[u8]) -> Kind {
+    if napcat_user_event(payload) {
+        return Kind::Event;
+    }
     if is_reply(payload) {
         return Kind::Reply;
     }
@@ -215,6 +228,23 @@ mod tests {
         assert_eq!(classify(gocq_reply), Kind::Reply);
         let msg = r#"{"self_id":1,"user_id":2,"time":3,"raw_message":"meta_event","post_type":"message"}"#;
         assert_eq!(classify(msg.as_bytes()), Kind::Event);
+        assert!(napcat_user_event(msg.as_bytes()));
+        // Other backends' field orders still go through the search.
+        let gocq_hb = br#"{"interval":5000,"meta_event_type":"heartbeat","post_type":"meta_event","self_id":1,"status":{"online":true},"time":3}"#;
+        assert!(matches!(
+            classify(gocq_hb),
+            Kind::Heartbeat {
+                interval_ms: Some(5000),
+                online: Some(true),
+                ..
+            }
+        ));
+        for line in include_str!("sim/samples.jsonl")
+            .lines()
+            .filter(|l| l.contains("\"post_type\":\"message\""))
+        {
+            assert!(napcat_user_event(line.as_bytes()), "{line}");
+        }
         assert_eq!(classify(b"not json"), Kind::Event);
     }
 

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::sleep_until;
 
@@ -28,6 +27,8 @@ const BATCHES_PER_WAKE: usize = 16;
 const REPLY_GRACE: Duration = Duration::from_millis(500);
 /// Unplanned: how long to wait for a frame in flight to complete before injecting.
 const BOUNDARY_GRACE: Duration = Duration::from_millis(200);
+/// Longest a session waits for the others' Close frames in a mass disable.
+const SWEEP_WAIT: Duration = Duration::from_millis(250);
 const FAR: Duration = Duration::from_secs(30 * 86400);
 
 thread_local! {
@@ -178,6 +179,21 @@ impl Direction {
         self.pending = Vec::new();
         self.pending_off = 0;
         Ok(true)
+    }
+
+    /// Wait (until `deadline`) for `dst` to take everything pending. True when it did.
+    async fn finish_pending(&mut self, dst: &TcpStream, deadline: tokio::time::Instant) -> bool {
+        loop {
+            match self.flush_pending(dst) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(_) => return false,
+            }
+            tokio::select! {
+                _ = sleep_until(deadline) => return false,
+                _ = dst.writable() => {}
+            }
+        }
     }
 
     /// Write `data` now as far as the socket takes it; keep the rest.
@@ -661,9 +677,14 @@ impl Session {
                         out.extend(ws::close_frame(code, &reason, None));
                         sent_close = true;
                     }
-                    if self.down.send(&self.client, &out).is_ok() && self.write_down(deadline).await
-                    {
-                        let _ = self.client.shutdown().await;
+                    let sent = self.down.send(&self.client, &out).is_ok();
+                    if let End::Down(_) = end {
+                        // Phase 1 of a mass disable is done for this session; phase 2 (the
+                        // teardown) waits until every session has sent its Close.
+                        self.shared.sweep.sent();
+                        self.shared.sweep.wait(SWEEP_WAIT).await;
+                    }
+                    if sent && self.write_down(deadline).await {
                         self.await_client_close(deadline).await;
                     } else {
                         injected_disable = false;
@@ -672,6 +693,9 @@ impl Session {
                     }
                 } else {
                     note = "backend died inside a frame: closed without a Close frame";
+                    if let End::Down(_) = end {
+                        self.shared.sweep.sent();
+                    }
                 }
                 if backend_alive {
                     // Say goodbye to the backend too, if a frame can go in now.
@@ -766,32 +790,12 @@ impl Session {
 
     /// Finish writing what is pending to the client. True when all of it went out.
     async fn write_down(&mut self, deadline: tokio::time::Instant) -> bool {
-        loop {
-            match self.down.flush_pending(&self.client) {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(_) => return false,
-            }
-            tokio::select! {
-                _ = sleep_until(deadline) => return false,
-                _ = self.client.writable() => {}
-            }
-        }
+        self.down.finish_pending(&self.client, deadline).await
     }
 
     /// Finish writing what is pending to the backend.
     async fn flush_up(&mut self, deadline: tokio::time::Instant) -> bool {
-        loop {
-            match self.up.flush_pending(&self.upstream) {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(_) => return false,
-            }
-            tokio::select! {
-                _ = sleep_until(deadline) => return false,
-                _ = self.upstream.writable() => {}
-            }
-        }
+        self.up.finish_pending(&self.upstream, deadline).await
     }
 
     /// After our Close: read (and drop) what the client still sends until its Close or EOF.

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,7 +38,9 @@ pub struct Shared {
     /// Counters and histograms for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Open sessions by role (api, event, universal).
-    open: [AtomicUsize; 3],
+    open: Arc<[AtomicUsize; 3]>,
+    /// Two-phase mass disable (see [`Sweep`]).
+    pub sweep: Arc<Sweep>,
     next_id: AtomicU64,
     /// Every session and client connection task: shutdown waits for them (the drain).
     pub tracker: TaskTracker,
@@ -56,6 +59,40 @@ pub struct Shared {
     pub layers: crate::napcat::Layers,
 }
 
+/// A mass disable in two phases: every session first sends its `disable` and Close
+/// (phase 1), and only then does any spend CPU on reading Close replies, closing sockets
+/// and logging (phase 2). With thousands of sessions, the last client hears sooner.
+#[derive(Default)]
+pub struct Sweep {
+    /// Sessions that have not sent their Close yet (may go below zero: late joiners).
+    remaining: AtomicIsize,
+    done: Notify,
+}
+
+impl Sweep {
+    fn begin(&self, sessions: usize) {
+        self.remaining.store(sessions as isize, Ordering::SeqCst);
+    }
+
+    /// This session's Close is out.
+    pub fn sent(&self) {
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) <= 1 {
+            self.done.notify_waiters();
+        }
+    }
+
+    /// Wait until every session of the sweep has sent its Close, at most `limit`.
+    pub async fn wait(&self, limit: Duration) {
+        let notified = self.done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.remaining.load(Ordering::SeqCst) <= 0 {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, notified).await;
+    }
+}
+
 fn role_index(r: Role) -> usize {
     match r {
         Role::Api => 0,
@@ -71,12 +108,24 @@ impl Shared {
         metrics.watch_gate(&gate);
         let settings = Arc::new(settings);
         let (settings_tx, _) = tokio::sync::watch::channel(settings.clone());
+        let open: Arc<[AtomicUsize; 3]> = Default::default();
+        let sweep = Arc::new(Sweep::default());
+        {
+            // Runs before the sessions are told: they all take part in the sweep.
+            let (open, sweep) = (open.clone(), sweep.clone());
+            gate.on_transition(Box::new(move |old, new| {
+                if old.up && !new.up {
+                    sweep.begin(open.iter().map(|n| n.load(Ordering::Relaxed)).sum());
+                }
+            }));
+        }
         Arc::new(Shared {
             settings: Arc::new(ArcSwap::new(settings)),
             settings_tx,
             gate,
             metrics,
-            open: Default::default(),
+            open,
+            sweep,
             next_id: AtomicU64::new(1),
             tracker: TaskTracker::new(),
             background: TaskTracker::new(),

@@ -88,6 +88,21 @@ pub struct Snapshot {
     pub generation: u64,
 }
 
+impl Snapshot {
+    /// The state `inputs` imply, starting now.
+    fn derived(inputs: &Inputs, generation: u64) -> Arc<Snapshot> {
+        let (up, cause, reason) = derive(inputs);
+        Arc::new(Snapshot {
+            up,
+            cause,
+            reason,
+            since: SystemTime::now(),
+            since_instant: Instant::now(),
+            generation,
+        })
+    }
+}
+
 /// What the backend last told us about itself (from its own events).
 #[derive(Debug, Clone, Default)]
 pub struct BackendInfo {
@@ -153,15 +168,7 @@ impl Gate {
                 last_error: String::new(),
             },
         };
-        let (up, cause, reason) = derive(&inputs);
-        let snap = Arc::new(Snapshot {
-            up,
-            cause,
-            reason,
-            since: SystemTime::now(),
-            since_instant: Instant::now(),
-            generation: 0,
-        });
+        let snap = Snapshot::derived(&inputs, 0);
         let (tx, _) = watch::channel(snap.clone());
         Gate {
             snapshot: ArcSwap::new(snap),
@@ -212,15 +219,12 @@ impl Gate {
             }
             return;
         }
-        let snap = Arc::new(Snapshot {
-            up,
-            cause,
-            reason,
-            since: SystemTime::now(),
-            since_instant: Instant::now(),
-            generation: old.generation + 1,
-        });
+        let snap = Snapshot::derived(&inputs, old.generation + 1);
         self.snapshot.store(snap.clone());
+        // Hooks first (a mass disable is prepared before any session hears of it).
+        for hook in self.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            hook(&old, &snap);
+        }
         self.tx.send_replace(snap.clone());
         drop(inputs);
         tracing::info!(
@@ -231,9 +235,6 @@ impl Gate {
             previous_for_ms = old.since_instant.elapsed().as_millis() as u64,
             "upstream state changed"
         );
-        for hook in self.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            hook(&old, &snap);
-        }
     }
 
     /// `POST /disable` / `POST /enable`.

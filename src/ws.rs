@@ -368,6 +368,7 @@ impl FrameScanner {
     }
 
     /// Client text must be valid UTF-8 (checked incrementally, across fragments).
+    #[inline]
     fn check_payload(
         &mut self,
         opcode: u8,
@@ -378,6 +379,15 @@ impl FrameScanner {
         if self.from != From::Client || opcode != OP_TEXT || chunk.is_empty() {
             return Ok(());
         }
+        self.check_utf8(chunk, mask, offset)
+    }
+
+    fn check_utf8(
+        &mut self,
+        chunk: &[u8],
+        mask: [u8; 4],
+        offset: u64,
+    ) -> Result<(), (u16, &'static str)> {
         let mut scratch = [0u8; 4096];
         let mut done = 0usize;
         while done < chunk.len() {
