@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     --no-install) INSTALL=0 ;;
     --release) RELEASE=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 64 ;;
   esac
   shift
@@ -92,6 +92,8 @@ echo "run.sh: building (${PROFILE_FLAG:-debug})" >&2
 BUILD_JSON=$(cargo build $PROFILE_FLAG --bin lifeguard --bench relay --message-format=json)
 RELAY=$(printf '%s\n' "$BUILD_JSON" | grep -o '"executable":"[^"]*/relay-[^"]*"' | tail -1 | cut -d'"' -f4)
 LIFEGUARD=$(printf '%s\n' "$BUILD_JSON" | grep -o '"executable":"[^"]*/lifeguard"' | tail -1 | cut -d'"' -f4)
+# A/B runs: BENCH_LIFEGUARD=/path/to/other/lifeguard measures that binary instead.
+LIFEGUARD=${BENCH_LIFEGUARD:-$LIFEGUARD}
 [ -x "$RELAY" ] && [ -x "$LIFEGUARD" ] || { echo "run.sh: build produced no relay/lifeguard binary" >&2; exit 1; }
 
 # --- processes -----------------------------------------------------------------------------
@@ -222,7 +224,8 @@ for rep in $(seq "$REPS"); do
     t=${TLIST[$(((i + rep - 1) % N))]}
     start_target "$t"
     if ! timeout "$RUN_TIMEOUT" "$RELAY" run --target "$t" --url "$URL" --control "127.0.0.1:$CTL_PORT" \
-        --pids "$PIDS" "${ADMIN_ARG[@]}" --rep "$rep" --out "$RESULTS" "${QFLAG[@]}"; then
+        --pids "$PIDS" "${ADMIN_ARG[@]}" --rep "$rep" --out "$RESULTS" "${QFLAG[@]}" \
+        --scenarios "${BENCH_SCENARIOS:-idle,tput,rtt,disable,detect}"; then
       echo "run.sh: $t rep $rep FAILED" >&2
       FAILED=$((FAILED + 1))
       [ "$t" = lifeguard ] && tail -20 "$WORK/lifeguard.log" >&2

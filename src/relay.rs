@@ -35,6 +35,27 @@ thread_local! {
     static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
 }
 
+/// Read what `src` has. A short read means the socket is drained (as tokio's own
+/// `poll_read` assumes with epoll): readiness is cleared then, so the caller waits for the
+/// next edge instead of issuing a read that can only fail with EAGAIN.
+fn read_drained(src: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    use std::io::Read;
+    let mut short = 0;
+    let r = src.try_io(tokio::io::Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(src)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = n;
+            // Reported as WouldBlock only to clear tokio's readiness flag.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok((short, true)),
+        r => r.map(|n| (n, false)),
+    }
+}
+
 /// Who the session is, for routing, logs and re-checks after a config change.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -234,13 +255,13 @@ impl Direction {
                 let mut buf = cell.borrow_mut();
                 let k = self.carry.len();
                 buf[..k].copy_from_slice(&self.carry);
-                let n = match src.try_read(&mut buf[k..]) {
-                    Ok(0) => {
+                let (n, drained) = match read_drained(src, &mut buf[k..]) {
+                    Ok((0, _)) => {
                         return Some(Step::SrcGone(
                             "connection closed without a Close frame".into(),
                         ))
                     }
-                    Ok(n) => n,
+                    Ok(r) => r,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(Step::Idle),
                     Err(e) => return Some(Step::SrcGone(e.to_string())),
                 };
@@ -272,7 +293,8 @@ impl Direction {
                 if self.has_pending() {
                     return Some(Step::Blocked);
                 }
-                None
+                // A short read emptied the socket: no second read just to see EAGAIN.
+                drained.then_some(Step::Idle)
             });
             if let Some(step) = step {
                 return step;
