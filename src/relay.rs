@@ -409,7 +409,8 @@ impl Session {
         let mut gate_rx = self.shared.gate.subscribe();
         let mut settings_rx = self.shared.subscribe_settings();
         let mut settings = settings_rx.borrow_and_update().clone();
-        let grace = settings.heartbeat_grace;
+        // Follows reloads: the next heartbeat re-arms the watchdog with the new factor.
+        let mut grace = settings.heartbeat_grace;
         let end = 'relay: {
             // Bytes that arrived with the handshakes go first, through the scanners.
             if !upstream_leftover.is_empty() {
@@ -473,6 +474,7 @@ impl Session {
                             let at = keepalive_every.unwrap_or(FAR);
                             keepalive.as_mut().reset(tokio::time::Instant::now() + at);
                         }
+                        grace = new.heartbeat_grace;
                         settings = new;
                     }
                     _ = &mut keepalive, if keepalive_every.is_some() => {
