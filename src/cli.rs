@@ -130,12 +130,22 @@ pub fn http_get(
     path: &str,
     timeout: std::time::Duration,
 ) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, timeout)
+}
+
+/// A minimal blocking HTTP/1.1 request without a body: (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.take(1 << 20).read_to_end(&mut raw)?;

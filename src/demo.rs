@@ -17,7 +17,12 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn say(step: &str) {
-    println!("\n\x1b[1m== {step}\x1b[0m");
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        println!("\n\x1b[1m== {step}\x1b[0m");
+    } else {
+        println!("\n== {step}");
+    }
 }
 
 fn show(who: &str, what: &str) {
@@ -134,7 +139,16 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
     show("recv", &next_text(&mut ws).await?);
 
     say("5. The operator disables the backend: POST /disable on the admin listener");
-    proxy.shared.gate.set_admin_enabled(false);
+    let admin_addr = proxy.admin_addr;
+    let post = |path: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            crate::cli::http_request(admin_addr, "POST", path, Duration::from_secs(5))
+        })
+    };
+    match post("/disable").await {
+        Ok(Ok((status, _))) => show("http", &format!("POST {admin}/disable -> {status}")),
+        other => return Err(format!("POST /disable failed: {other:?}")),
+    }
     let (texts, close) = read_to_end(&mut ws).await;
     for t in &texts {
         show("recv", t);
@@ -142,7 +156,10 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
     if let Some((code, reason)) = close {
         show("close", &format!("{code} \"{reason}\""));
     }
-    proxy.shared.gate.set_admin_enabled(true);
+    match post("/enable").await {
+        Ok(Ok((status, _))) => show("http", &format!("POST {admin}/enable -> {status}")),
+        other => return Err(format!("POST /enable failed: {other:?}")),
+    }
 
     if demo.keep_running {
         say("Still running: point a bot at lifeguard, then play with the backend");

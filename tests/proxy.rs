@@ -449,3 +449,33 @@ async fn read_close_code(s: &mut tokio::net::TcpStream) -> Option<u16> {
     }
     None
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mass_disable_reaches_every_session() {
+    // 150 sessions (4 fds each in this one process stay under the default soft limit).
+    let h = Harness::start(quiet()).await;
+    let mut clients = Vec::new();
+    for i in 0..150 {
+        clients.push(h.connect_events(if i % 2 == 0 { "/" } else { "/event" }).await);
+    }
+    let t0 = Instant::now();
+    assert_eq!(h.admin("POST", "/disable").await.0, 200);
+    let ends = futures_util::future::join_all(
+        clients.iter_mut().map(|ws| read_to_end(ws, Duration::from_secs(10))),
+    )
+    .await;
+    for end in &ends {
+        assert!(end.got_disable(), "{end:?}");
+        assert_eq!(end.code(), Some(1012), "{end:?}");
+    }
+    let last = ends.iter().map(|e| e.at - t0).max().unwrap();
+    println!("150 sessions: last Close {last:?} after POST /disable");
+    assert!(last < Duration::from_secs(3), "{last:?}");
+    // Every session is gone from the books.
+    let deadline = Instant::now() + SOON;
+    while h.proxy().shared.open_sessions().iter().sum::<usize>() != 0 {
+        assert!(Instant::now() < deadline, "sessions still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop().await;
+}
