@@ -633,6 +633,104 @@ mod tests {
         assert!(matches!(r.stop, Some(Stop::Violation { code: 1009, .. })));
     }
 
+    /// Feed `stream` to a scanner in reads of random sizes, carrying what it hands back the
+    /// way the relay does. Returns (forwarded bytes, whole texts seen, final scan's stop).
+    fn relay_in_pieces(
+        from: From,
+        stream: &[u8],
+        rng: &mut fastrand::Rng,
+    ) -> (Vec<u8>, Vec<Vec<u8>>, Option<Stop>) {
+        let mut s = FrameScanner::new(from, 1 << 20);
+        let (mut out, mut texts, mut carry) = (Vec::new(), Vec::new(), Vec::new());
+        let mut pos = 0;
+        while pos < stream.len() {
+            let n = rng.usize(1..=700).min(stream.len() - pos);
+            let mut buf = std::mem::take(&mut carry);
+            buf.extend_from_slice(&stream[pos..pos + n]);
+            pos += n;
+            let r = s.scan(&buf, &mut |t, whole| {
+                if whole {
+                    texts.push(t.to_vec())
+                }
+            });
+            out.extend_from_slice(&buf[..r.forward]);
+            if r.stop.is_some() {
+                return (out, texts, r.stop);
+            }
+            if r.carry {
+                carry = buf[r.forward..].to_vec();
+            }
+        }
+        assert!(
+            carry.is_empty(),
+            "nothing left over at the end of whole frames"
+        );
+        assert!(s.at_boundary());
+        (out, texts, None)
+    }
+
+    #[test]
+    fn any_split_of_a_frame_stream_relays_the_same_bytes() {
+        let mut rng = fastrand::Rng::with_seed(0x11fe_9a2d);
+        for round in 0..300 {
+            let from = if round % 2 == 0 {
+                From::Server
+            } else {
+                From::Client
+            };
+            let mask = || (from == From::Client).then(|| fastrand::u32(..).to_ne_bytes());
+            let mut stream = Vec::new();
+            let mut texts = Vec::new();
+            for _ in 0..rng.usize(1..30) {
+                match rng.u8(0..5) {
+                    0 | 1 => {
+                        let len = rng.usize(0..2000);
+                        let t: String = (0..len)
+                            .map(|_| rng.choice(['a', '{', '"', '晴', '°']).unwrap())
+                            .collect();
+                        if t.len() <= CLASSIFY_MAX {
+                            texts.push(t.as_bytes().to_vec());
+                        }
+                        stream.extend(encode_frame(OP_TEXT, t.as_bytes(), mask()));
+                    }
+                    2 => {
+                        let len = rng.usize(0..70_000);
+                        stream.extend(encode_frame(OP_BINARY, &vec![7u8; len], mask()));
+                    }
+                    3 => stream.extend(encode_frame(OP_PING, b"ping", mask())),
+                    _ => {
+                        // A fragmented text message: start, continuation, final.
+                        let mut a = encode_frame(OP_TEXT, "晴天".as_bytes(), mask());
+                        a[0] &= 0x7F;
+                        let mut b = encode_frame(OP_CONT, b", 25", mask());
+                        b[0] &= 0x7F;
+                        stream.extend(a);
+                        stream.extend(b);
+                        stream.extend(encode_frame(OP_CONT, "°C".as_bytes(), mask()));
+                    }
+                }
+            }
+            let whole = stream.len();
+            stream.extend(close_frame(1000, "bye", mask()));
+            let (out, seen, stop) = relay_in_pieces(from, &stream, &mut rng);
+            assert_eq!(out.len(), whole, "round {round}: forwarded up to the Close");
+            assert_eq!(out, stream[..whole]);
+            assert!(
+                matches!(
+                    stop,
+                    Some(Stop::Close {
+                        code: Some(1000),
+                        ..
+                    })
+                ),
+                "round {round}: {stop:?}"
+            );
+            if from == From::Server {
+                assert_eq!(seen, texts, "round {round}");
+            }
+        }
+    }
+
     #[test]
     fn close_frame_reason_is_cut_on_a_char_boundary() {
         let f = close_frame(1012, &"停".repeat(100), None);
