@@ -79,6 +79,7 @@ pub fn is_reply(payload: &[u8]) -> bool {
 
 /// NapCat's message and user events begin `{"self_id":N,"user_id":`; no meta event has a
 /// `user_id`. The hot path (group messages) is decided by this prefix alone.
+#[inline]
 fn napcat_user_event(p: &[u8]) -> bool {
     let Some(rest) = p.strip_prefix(b"{\"self_id\":") else {
         return false;
@@ -93,10 +94,18 @@ const META_WINDOW: usize = 256;
 
 /// Classify a backend text frame: a look at its first key and one bounded substring
 /// search; JSON is parsed only for meta events (a heartbeat every few seconds).
+#[inline]
 pub fn classify(payload: &[u8]) -> Kind {
     if napcat_user_event(payload) {
         return Kind::Event;
     }
+    classify_slow(payload)
+}
+
+/// Everything but NapCat's user events: out of line, so the hot check stays small.
+#[cold]
+#[inline(never)]
+fn classify_slow(payload: &[u8]) -> Kind {
     if is_reply(payload) {
         return Kind::Reply;
     }
