@@ -86,7 +86,12 @@ pub fn state_json(shared: &Shared) -> serde_json::Value {
         "since": since,
         "for_seconds": snap.since_instant.elapsed().as_secs_f64(),
         "upstream": settings.upstream.to_string(),
-        "self_id": backend.self_id,
+        "transitions": snap.generation,
+        "backend": {
+            "self_id": backend.self_id,
+            "heartbeat_interval_ms": backend.heartbeat_interval_ms,
+            "status": backend.status.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+        },
         "sessions": {"total": api + event + universal, "api": api, "event": event, "universal": universal},
     })
 }

@@ -15,7 +15,6 @@ use prometheus_client::registry::Registry;
 
 use crate::onebot::Role;
 use crate::upstream::Gate;
-use crate::ws::FrameScanner;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -175,14 +174,7 @@ impl Metrics {
             .dec();
     }
 
-    pub fn session_closed(
-        &self,
-        role: Role,
-        cause: &str,
-        code: Option<u16>,
-        _down: &FrameScanner,
-        _up: &FrameScanner,
-    ) {
+    pub fn session_closed(&self, role: Role, cause: &str, code: Option<u16>) {
         self.sessions_open
             .get_or_create(&l("path", role.as_str()))
             .dec();

@@ -763,13 +763,8 @@ impl Session {
             note,
             "session closed"
         );
-        self.shared.session_closed(
-            &self.info,
-            cause,
-            code.or(client_code),
-            &self.down.scanner,
-            &self.up.scanner,
-        );
+        self.shared
+            .session_closed(&self.info, cause, code.or(client_code));
     }
 
     /// Keep relaying the backend to the client until it is quiet at a frame boundary

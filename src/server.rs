@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::onebot::Role;
 use crate::relay::{Session, SessionInfo};
 use crate::upstream::{self, ConnectError, Gate};
-use crate::ws::{self, FrameScanner};
+use crate::ws;
 
 /// How long a client may take to send its handshake request.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -186,17 +186,9 @@ impl Shared {
     }
 
     /// Called once by every session as it ends.
-    pub fn session_closed(
-        &self,
-        info: &SessionInfo,
-        cause: &str,
-        code: Option<u16>,
-        down: &FrameScanner,
-        up: &FrameScanner,
-    ) {
+    pub fn session_closed(&self, info: &SessionInfo, cause: &str, code: Option<u16>) {
         self.open[role_index(info.role)].fetch_sub(1, Ordering::Relaxed);
-        self.metrics
-            .session_closed(info.role, cause, code, down, up);
+        self.metrics.session_closed(info.role, cause, code);
     }
 }
 

@@ -241,6 +241,8 @@ async fn admin_disable_and_enable() {
         (Some("down"), Some("admin"))
     );
     assert_eq!(v["sessions"]["total"], 0);
+    // What the backend told about itself, learned from its connect event.
+    assert_eq!(v["backend"]["self_id"], h.sim.self_id());
 
     assert_eq!(h.admin("POST", "/enable").await.0, 200);
     h.wait_ready(true).await;
@@ -456,12 +458,17 @@ async fn mass_disable_reaches_every_session() {
     let h = Harness::start(quiet()).await;
     let mut clients = Vec::new();
     for i in 0..150 {
-        clients.push(h.connect_events(if i % 2 == 0 { "/" } else { "/event" }).await);
+        clients.push(
+            h.connect_events(if i % 2 == 0 { "/" } else { "/event" })
+                .await,
+        );
     }
     let t0 = Instant::now();
     assert_eq!(h.admin("POST", "/disable").await.0, 200);
     let ends = futures_util::future::join_all(
-        clients.iter_mut().map(|ws| read_to_end(ws, Duration::from_secs(10))),
+        clients
+            .iter_mut()
+            .map(|ws| read_to_end(ws, Duration::from_secs(10))),
     )
     .await;
     for end in &ends {
