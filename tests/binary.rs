@@ -299,3 +299,33 @@ async fn tokens_never_reach_the_logs() {
     );
     sim.shutdown().await;
 }
+
+/// The README's flag table lists exactly the flags `--help` knows, with their defaults.
+#[test]
+fn readme_flag_table_matches_the_cli() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let help = String::from_utf8(lifeguard(&["--help"]).output().unwrap().stdout).unwrap();
+    let flags_of = |text: &str, prefix: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.trim_start().strip_prefix(prefix))
+            .filter_map(|rest| rest.split(|c: char| c == ' ' || c == '`').next())
+            .map(|f| format!("--{f}"))
+            .collect()
+    };
+    let in_readme = flags_of(&readme, "| `--");
+    let mut in_help = flags_of(&help, "--");
+    in_help.remove("--help");
+    in_help.remove("--version");
+    assert_eq!(in_readme, in_help, "README flag table vs --help");
+    for (flag, default) in [
+        ("--listen", lifeguard::config::DEFAULT_LISTEN),
+        ("--admin-listen", lifeguard::config::DEFAULT_ADMIN_LISTEN),
+    ] {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{flag} ")))
+            .unwrap();
+        assert!(row.contains(default), "{row}");
+    }
+}
