@@ -309,7 +309,7 @@ fn readme_flag_table_matches_the_cli() {
     let flags_of = |text: &str, prefix: &str| -> std::collections::BTreeSet<String> {
         text.lines()
             .filter_map(|l| l.trim_start().strip_prefix(prefix))
-            .filter_map(|rest| rest.split(|c: char| c == ' ' || c == '`').next())
+            .filter_map(|rest| rest.split([' ', '`']).next())
             .map(|f| format!("--{f}"))
             .collect()
     };
