@@ -486,3 +486,40 @@ async fn mass_disable_reaches_every_session() {
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_vanish_leave_nothing_behind() {
+    let h = Harness::start(quiet()).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(h.connect_events("/").await);
+    }
+    assert_eq!(h.sim.open_connections(), 20);
+    // Events in flight while every client disappears without a Close frame.
+    let blast = {
+        let sim = h.sim.clone();
+        tokio::spawn(async move { sim.blast(20_000).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(clients);
+    let deadline = Instant::now() + SOON;
+    while h.proxy().shared.open_sessions().iter().sum::<usize>() != 0
+        || h.sim.open_connections() != 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?} sessions, {} backend sockets",
+            h.proxy().shared.open_sessions(),
+            h.sim.open_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tokio::time::timeout(SOON, blast).await;
+    // The proxy is still fine for the next client.
+    let mut ws = h.connect_events("/").await;
+    h.sim.emit_message(1);
+    assert!(next_non_heartbeat(&mut ws)
+        .await
+        .contains("\"message_id\":1,"));
+    h.stop().await;
+}
