@@ -238,6 +238,35 @@ impl Direction {
         Ok(())
     }
 
+    /// Scan `bytes` (a read, with any carry in front), send what may go now and keep the
+    /// undecided tail. Some(step) when the stream stops here or `dst` failed.
+    fn relay(
+        &mut self,
+        dst: &TcpStream,
+        bytes: &[u8],
+        on_text: &mut dyn FnMut(&[u8], bool),
+    ) -> Option<Step> {
+        let scan = self.scanner.scan(bytes, on_text);
+        if let Err(e) = self.send(dst, &bytes[..scan.forward]) {
+            return Some(Step::DstGone(e.to_string()));
+        }
+        if scan.carry {
+            if bytes.len() - scan.forward > READ_BUF / 2 {
+                // Cannot happen with CLASSIFY_MAX-sized carries; never loop on it.
+                return Some(Step::Violation(
+                    ws::code::PROTOCOL_ERROR,
+                    "frame header too large",
+                ));
+            }
+            self.carry = bytes[scan.forward..].to_vec();
+        }
+        match scan.stop {
+            Some(Stop::Close { code, frame, .. }) => Some(Step::Close(code, bytes[frame].to_vec())),
+            Some(Stop::Violation { code, reason }) => Some(Step::Violation(code, reason)),
+            None => None,
+        }
+    }
+
     /// Relay what `src` has to `dst`, scanning frames on the way.
     fn pump(
         &mut self,
@@ -266,29 +295,8 @@ impl Direction {
                     Err(e) => return Some(Step::SrcGone(e.to_string())),
                 };
                 self.carry = Vec::new();
-                let total = k + n;
-                let scan = self.scanner.scan(&buf[..total], on_text);
-                if let Err(e) = self.send(dst, &buf[..scan.forward]) {
-                    return Some(Step::DstGone(e.to_string()));
-                }
-                if scan.carry {
-                    if total - scan.forward > READ_BUF / 2 {
-                        // Cannot happen with CLASSIFY_MAX-sized carries; never loop on it.
-                        return Some(Step::Violation(
-                            ws::code::PROTOCOL_ERROR,
-                            "frame header too large",
-                        ));
-                    }
-                    self.carry = buf[scan.forward..total].to_vec();
-                }
-                match scan.stop {
-                    Some(Stop::Close { code, frame, .. }) => {
-                        return Some(Step::Close(code, buf[frame].to_vec()))
-                    }
-                    Some(Stop::Violation { code, reason }) => {
-                        return Some(Step::Violation(code, reason))
-                    }
-                    None => {}
+                if let Some(step) = self.relay(dst, &buf[..k + n], on_text) {
+                    return Some(step);
                 }
                 if self.has_pending() {
                     return Some(Step::Blocked);
@@ -570,24 +578,13 @@ impl Session {
     fn feed(&mut self, dir: Dir, bytes: &[u8], grace: f64) -> Option<End> {
         let shared = &*self.shared;
         let learned = &mut self.learned;
-        let (d, dst) = match dir {
-            Dir::Down => (&mut self.down, &self.client),
-            Dir::Up => (&mut self.up, &self.upstream),
-        };
         let mut on_text =
             |p: &[u8], whole: bool| Self::on_backend_text(learned, shared, grace, p, whole);
-        let scan = d.scanner.scan(bytes, &mut on_text);
-        if let Err(e) = d.send(dst, &bytes[..scan.forward]) {
-            return Some(dir.dst_gone(e.to_string()));
-        }
-        if scan.carry {
-            d.carry = bytes[scan.forward..].to_vec();
-        }
-        match scan.stop {
-            Some(Stop::Close { code, frame, .. }) => Some(self.on_close(dir, code, &bytes[frame])),
-            Some(Stop::Violation { code, reason }) => Some(dir.violation(code, reason)),
-            None => None,
-        }
+        let step = match dir {
+            Dir::Down => self.down.relay(&self.client, bytes, &mut on_text),
+            Dir::Up => self.up.relay(&self.upstream, bytes, &mut on_text),
+        }?;
+        self.end_of(dir, step)
     }
 
     /// One wake-up of one direction. Some(end) when the session must end.
@@ -615,6 +612,11 @@ impl Session {
                 *t = Instant::now();
             }
         }
+        self.end_of(dir, step)
+    }
+
+    /// What a direction's step means for the session: Some(end) when it must end.
+    fn end_of(&mut self, dir: Dir, step: Step) -> Option<End> {
         match step {
             Step::Idle | Step::Blocked | Step::Yield => None,
             Step::Close(code, raw) => Some(self.on_close(dir, code, &raw)),

@@ -89,9 +89,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The state `inputs` imply, starting now.
-    fn derived(inputs: &Inputs, generation: u64) -> Arc<Snapshot> {
-        let (up, cause, reason) = derive(inputs);
+    /// A state that starts now.
+    fn new(up: bool, cause: Cause, reason: String, generation: u64) -> Arc<Snapshot> {
         Arc::new(Snapshot {
             up,
             cause,
@@ -168,7 +167,8 @@ impl Gate {
                 last_error: String::new(),
             },
         };
-        let snap = Snapshot::derived(&inputs, 0);
+        let (up, cause, reason) = derive(&inputs);
+        let snap = Snapshot::new(up, cause, reason, 0);
         let (tx, _) = watch::channel(snap.clone());
         Gate {
             snapshot: ArcSwap::new(snap),
@@ -219,7 +219,7 @@ impl Gate {
             }
             return;
         }
-        let snap = Snapshot::derived(&inputs, old.generation + 1);
+        let snap = Snapshot::new(up, cause, reason, old.generation + 1);
         self.snapshot.store(snap.clone());
         // Hooks first (a mass disable is prepared before any session hears of it).
         for hook in self.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
