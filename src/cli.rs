@@ -1,4 +1,5 @@
-//! What the binary's subcommands do, kept in the library so tests can reach it.
+//! What the binary's subcommands other than running the proxy do (tracing set-up,
+//! signals, `health`), kept in the library so tests can reach it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -6,8 +7,7 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{self, HealthArgs, LogFormat, RunArgs, Settings};
-use crate::server::Proxy;
+use crate::config::{self, HealthArgs, LogFormat, RunArgs};
 
 /// `RUST_LOG`-style filter (default `info`), text or JSON lines on stderr.
 ///
@@ -31,49 +31,6 @@ pub fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::Worker
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     guard
-}
-
-/// Run the proxy until SIGTERM/SIGINT, then drain. Exit 0 on a clean stop.
-pub async fn serve(args: RunArgs, settings: Settings) -> ExitCode {
-    let proxy = match Proxy::start(settings).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("lifeguard: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let reloader = crate::reload::Reloader::start(&proxy.shared, args);
-    wait_for_stop_signal().await;
-    reloader.stop().await;
-    proxy.shutdown().await;
-    ExitCode::SUCCESS
-}
-
-/// SIGTERM or SIGINT (Ctrl-C).
-pub async fn wait_for_stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = int.recv() => tracing::info!("SIGINT received"),
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 /// `lifeguard health [--ready]`: GET /live or /ready on the admin listener; no shell tools

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use crate::app::Proxy;
 use crate::config::{DemoArgs, RunArgs, Settings};
-use crate::server::Proxy;
 use crate::sim::{NapSim, SimConfig};
 
 type Ws =
@@ -173,7 +173,7 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
-                _ = crate::cli::wait_for_stop_signal() => break,
+                _ = crate::app::wait_for_stop_signal() => break,
                 _ = tick.tick() => {
                     seq += 1;
                     sim.emit_message(seq);
@@ -190,7 +190,7 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
 
 async fn wait_up(proxy: &Proxy, up: bool) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.shared.gate.snapshot().up != up {
+    while proxy.state.snapshot().lane(crate::state::Lane::Forward).up != up {
         if Instant::now() > deadline {
             return Err("the backend never came up".into());
         }

@@ -7,16 +7,24 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-pub mod admin;
+//!
+//! The crate is layered; each layer may use the ones below it, never one above (see
+//! ARCHITECTURE.md):
+//!
+//! 1. [`config`], [`proto`], [`metrics`]: settings, wire protocols, counters;
+//! 2. [`state`]: the one state (lanes' health, effective settings, sessions, drain);
+//! 3. [`intent`] writes the state; [`transport`] reads it and acts on it;
+//! 4. [`app`]: the wiring; [`demo`] and [`cli`]: entry points.
+//!
+//! [`sim`] is the NapCat simulator used by tests, benchmarks and the demo.
+
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod intent;
 pub mod metrics;
-pub mod napcat;
-pub mod onebot;
-pub mod relay;
-pub mod reload;
-pub mod server;
+pub mod proto;
 pub mod sim;
-pub mod upstream;
-pub mod ws;
+pub mod state;
+pub mod transport;

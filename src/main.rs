@@ -35,7 +35,7 @@ fn main() -> ExitCode {
                 }
             };
             let _log = lifeguard::cli::init_tracing(settings.log_format);
-            runtime().block_on(lifeguard::cli::serve(cli.run, settings))
+            runtime().block_on(lifeguard::app::serve(cli.run, settings))
         }
     }
 }

@@ -3,7 +3,7 @@
 //! Hot-path counters (frames and bytes relayed) are plain handles taken once, so relaying
 //! costs one relaxed atomic add per read batch, not a label lookup.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -13,8 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::onebot::Role;
-use crate::upstream::Gate;
+use crate::proto::onebot::Role;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -32,8 +31,6 @@ pub struct Metrics {
     /// Pre-resolved handles for the hot path: (frames, bytes) to the client and to the backend.
     to_client: (Counter, Counter),
     to_backend: (Counter, Counter),
-    /// The gate, to report the time in the current state at scrape time.
-    gate: Mutex<Option<std::sync::Weak<Gate>>>,
 }
 
 fn l(k: &'static str, v: impl Into<String>) -> Labels {
@@ -136,23 +133,18 @@ impl Metrics {
             reloads,
             to_client,
             to_backend,
-            gate: Mutex::new(None),
         }
     }
 
-    /// Follow the gate: the up gauge and transitions by cause.
-    pub fn watch_gate(self: &Arc<Self>, gate: &Arc<Gate>) {
-        *self.gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(gate));
-        self.upstream_up.set(gate.snapshot().up as i64);
-        let me = Arc::downgrade(self);
-        gate.on_transition(Box::new(move |_old, new| {
-            if let Some(m) = me.upgrade() {
-                m.upstream_up.set(new.up as i64);
-                m.transitions
-                    .get_or_create(&l("cause", new.cause.as_str()))
-                    .inc();
-            }
-        }));
+    /// The forward lane's state at start.
+    pub fn set_up(&self, up: bool) {
+        self.upstream_up.set(up as i64);
+    }
+
+    /// The forward lane changed state: the up gauge, and transitions by the new cause.
+    pub fn transition(&self, up: bool, cause: &str) {
+        self.upstream_up.set(up as i64);
+        self.transitions.get_or_create(&l("cause", cause)).inc();
     }
 
     pub fn probe_done(&self, d: Duration, ok: bool) {
@@ -211,18 +203,9 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition format.
-    pub fn render(&self) -> String {
-        if let Some(g) = self
-            .gate
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .and_then(|w| w.upgrade())
-        {
-            self.state_seconds
-                .set(g.snapshot().since_instant.elapsed().as_secs_f64());
-        }
+    /// The text exposition format; `state_for` is how long the current state has lasted.
+    pub fn render(&self, state_for: Duration) -> String {
+        self.state_seconds.set(state_for.as_secs_f64());
         let mut out = String::new();
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         if encode(&mut out, &reg).is_err() {

@@ -62,7 +62,13 @@ async fn offline_is_not_down_when_turned_off() {
         assert!(Instant::now() < deadline);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(h.proxy().shared.gate.snapshot().up);
+    assert!(
+        h.proxy()
+            .state
+            .snapshot()
+            .lane(lifeguard::state::Lane::Forward)
+            .up
+    );
     api_roundtrip(&mut ws, "still").await;
     let _another = h.connect_events("/event").await;
     h.stop().await;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use lifeguard::sim::{NapSim, SimConfig};
+use lifeguard::state::Lane;
 
 fn quiet() -> SimConfig {
     SimConfig::default().with_heartbeat_interval(None)
@@ -71,9 +72,9 @@ async fn start_following(file: &Path, write: impl Fn(bool, u16) -> String) -> Ha
     let h = Harness::start_with(quiet(), |a| a.napcat_config = Some(path)).await;
     let port = h.sim.addr().port();
     write_in_place(file, &write(true, port));
-    let shared = h.proxy().shared.clone();
+    let state = h.proxy().state.clone();
     wait_until(SOON, "the follower to read NapCat's config", || {
-        shared.layers.napcat().port == Some(port)
+        state.napcat_overlay().port == Some(port)
     })
     .await;
     h
@@ -141,7 +142,7 @@ async fn a_half_written_file_is_never_acted_on() {
     let file = dir.path("onebot11_1.json");
     let h2 = start_following(&file, |e, p| v4(e, p, "")).await;
     let port = h2.sim.addr().port();
-    let shared = h2.proxy().shared.clone();
+    let state = h2.proxy().state.clone();
     let mut ws = connect_url_events(format!("ws://{}/", h2.addr)).await;
 
     // NapCat is midway through writing "enable": false: the prefix says false, but the
@@ -151,7 +152,10 @@ async fn a_half_written_file_is_never_acted_on() {
     assert!(disabled[..cut].contains("\"enable\": false"));
     write_in_place(&file, &disabled[..cut]);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(shared.gate.snapshot().up, "acted on a half-written file");
+    assert!(
+        state.snapshot().lane(Lane::Forward).up,
+        "acted on a half-written file"
+    );
     api_roundtrip(&mut ws, "still-here").await;
 
     // Completed, still enabled (NapCat rewrote other fields): nothing happens either.
@@ -160,7 +164,7 @@ async fn a_half_written_file_is_never_acted_on() {
         &v4(true, port, "").replace("\"debug\": false", "\"debug\": true"),
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(shared.gate.snapshot().up);
+    assert!(state.snapshot().lane(Lane::Forward).up);
     api_roundtrip(&mut ws, "still-here-2").await;
 
     // A partial write completed a moment later (within the retries): the complete
@@ -188,21 +192,37 @@ async fn a_port_change_is_followed() {
         args.napcat_config = Some(follow);
     })
     .await;
-    let shared = h.proxy().shared.clone();
+    let state = h.proxy().state.clone();
     wait_until(SOON, "the first read", || {
-        shared.layers.napcat().port == Some(a.addr().port())
+        state.napcat_overlay().port == Some(a.addr().port())
     })
     .await;
     let mut old = connect_url_events(format!("ws://{}/", h.addr)).await;
     assert_eq!(a.handshakes_on("/"), 1);
 
     // NapCat moved its server to b's port (the WebUI rewrote the file).
+    let transitions = |text: &str| {
+        metric(
+            &parse_metrics(text),
+            "lifeguard_upstream_transitions_total",
+            &[("cause", "napcat-config")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(transitions(&h.admin("GET", "/metrics").await.1), 0.0);
     write_in_place(&file, &v4(true, b.addr().port(), ""));
     let end = read_to_end(&mut old, SOON).await;
     assert!(end.got_disable(), "{end:?}");
     assert_eq!(end.code(), Some(1012), "{end:?}");
+    // One route: a transition of the state, named for where it came from.
+    let reason = &end.close.as_ref().unwrap().1;
+    assert!(
+        reason.starts_with("napcat-config:") && reason.contains(&b.addr().port().to_string()),
+        "{reason}"
+    );
+    assert_eq!(transitions(&h.admin("GET", "/metrics").await.1), 1.0);
     wait_until(SOON, "the new port", || {
-        shared.settings.load().upstream.port == b.addr().port()
+        state.settings().upstream.as_ref().unwrap().port == b.addr().port()
     })
     .await;
     h.wait_ready(true).await;
@@ -236,9 +256,9 @@ async fn napcat_token_is_used_for_the_backend() {
         a.napcat_config = Some(follow);
     })
     .await;
-    let shared = h.proxy().shared.clone();
+    let state = h.proxy().state.clone();
     wait_until(SOON, "NapCat's token", || {
-        shared.settings.load().upstream_token.is_some()
+        state.settings().upstream_token.is_some()
     })
     .await;
     let mut ws = connect_url_events(format!("ws://{}/", h.addr)).await;
@@ -262,12 +282,15 @@ async fn a_config_directory_follows_the_file_with_the_matching_server() {
         a.napcat_config = Some(follow);
     })
     .await;
-    let shared = h.proxy().shared.clone();
+    let state = h.proxy().state.clone();
     wait_until(SOON, "the first read", || {
-        shared.layers.napcat().port == Some(port)
+        state.napcat_overlay().port == Some(port)
     })
     .await;
-    assert!(shared.gate.snapshot().up, "the other files are not ours");
+    assert!(
+        state.snapshot().lane(Lane::Forward).up,
+        "the other files are not ours"
+    );
     let mut ws = connect_url_events(format!("ws://{}/event", h.addr)).await;
     write_in_place(&dir.path("onebot11_222.json"), &flat(false, port));
     let end = read_to_end(&mut ws, SOON).await;
@@ -275,4 +298,91 @@ async fn a_config_directory_follows_the_file_with_the_matching_server() {
     assert_eq!(end.code(), Some(1012));
     h.stop().await;
     h0.stop().await;
+}
+
+/// Bug: with `--napcat-config` and no `--upstream-token`, connections opened right after
+/// start-up presented the client's access token to the backend, before NapCat's file
+/// (which names the backend's own token) had been applied. The backend's file must be
+/// read before anything talks to the backend.
+#[tokio::test]
+async fn no_session_presents_the_clients_token_before_napcat_s_file_is_read() {
+    let dir = TempDir::new("napcat-first-read");
+    let sim = NapSim::start(quiet().with_token("napcat-secret"))
+        .await
+        .unwrap();
+    // Other accounts' files first, so that reading the directory takes a while.
+    for i in 0..1500u16 {
+        write_in_place(
+            &dir.path(&format!("onebot11_9{i}.json")),
+            &v4(false, 1 + i, "other"),
+        );
+    }
+    write_in_place(
+        &dir.path("onebot11_1.json"),
+        &v4(true, sim.addr().port(), "napcat-secret"),
+    );
+    let follow = dir.0.to_str().unwrap().to_string();
+    let mut lg = Bin::spawn(&[
+        "--upstream",
+        &sim.url(),
+        "--access-token",
+        "client-secret",
+        "--napcat-config",
+        &follow,
+        "--probe-interval",
+        "50ms",
+    ]);
+    // As soon as it is up, bots connect, all at once.
+    lg.wait_ready(true).await;
+    let url = format!("{}?access_token=client-secret", lg.url("/"));
+    let firsts = futures_util::future::join_all((0..4).map(|_| {
+        let url = url.clone();
+        async move {
+            let mut ws = connect_url(url).await;
+            next_text(&mut ws).await
+        }
+    }))
+    .await;
+    for first in firsts {
+        assert!(
+            first.contains("\"sub_type\":\"connect\""),
+            "the backend refused lifeguard's token (it got the client's?): {first}"
+        );
+    }
+    assert_eq!(lg.stop(), Some(0));
+    sim.shutdown().await;
+}
+
+/// Bug: while NapCat's file had moved the upstream's port, every reload of lifeguard's
+/// own config reported `upstream` as changed (old effective settings compared with the
+/// new base ones).
+#[tokio::test]
+async fn a_reload_reports_only_what_changed_while_napcat_moved_the_port() {
+    let dir = TempDir::new("napcat-reload-keys");
+    let a = NapSim::start(quiet()).await.unwrap();
+    let b = NapSim::start(quiet()).await.unwrap();
+    let napcat = dir.path("onebot11_5.json");
+    // lifeguard's config says a; NapCat's file says its server is on b's port.
+    write_in_place(&napcat, &v4(true, b.addr().port(), ""));
+    let config = dir.path("lifeguard.toml");
+    let text = |fall: u32| {
+        format!(
+            "upstream = \"{}\"\nnapcat_config = {:?}\nnapcat_server = \"ws\"\nfall = {fall}\n",
+            a.url(),
+            napcat.to_str().unwrap()
+        )
+    };
+    write_in_place(&config, &text(2));
+    let lg = Bin::spawn(&["--config", config.to_str().unwrap()]);
+    lg.wait_ready(true).await;
+    let (_, state) = lg.admin("GET", "/state").await;
+    assert!(
+        state.contains(&format!(":{}", b.addr().port())),
+        "following NapCat's port: {state}"
+    );
+    write_in_place(&config, &text(3));
+    let line = lg.wait_log(SOON, |v| v["message"] == "config reloaded");
+    assert_eq!(line["changed"], "fall", "{line}");
+    a.shutdown().await;
+    b.shutdown().await;
 }

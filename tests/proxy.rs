@@ -480,7 +480,7 @@ async fn mass_disable_reaches_every_session() {
     assert!(last < Duration::from_secs(3), "{last:?}");
     // Every session is gone from the books.
     let deadline = Instant::now() + SOON;
-    while h.proxy().shared.open_sessions().iter().sum::<usize>() != 0 {
+    while h.proxy().state.sessions.total() != 0 {
         assert!(Instant::now() < deadline, "sessions still open");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -503,13 +503,11 @@ async fn clients_that_vanish_leave_nothing_behind() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     drop(clients);
     let deadline = Instant::now() + SOON;
-    while h.proxy().shared.open_sessions().iter().sum::<usize>() != 0
-        || h.sim.open_connections() != 0
-    {
+    while h.proxy().state.sessions.total() != 0 || h.sim.open_connections() != 0 {
         assert!(
             Instant::now() < deadline,
             "left behind: {:?} sessions, {} backend sockets",
-            h.proxy().shared.open_sessions(),
+            h.proxy().state.sessions.total(),
             h.sim.open_connections()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use lifeguard::app::Proxy;
 use lifeguard::config::{RunArgs, Settings};
-use lifeguard::server::Proxy;
 use lifeguard::sim::{NapSim, SimConfig};
+use lifeguard::state::Lane;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -76,7 +77,7 @@ impl Harness {
     /// Wait until the proxy's state is up (or down).
     pub async fn wait_ready(&self, up: bool) {
         let deadline = Instant::now() + SOON;
-        while self.proxy().shared.gate.snapshot().up != up {
+        while self.proxy().state.snapshot().lane(Lane::Forward).up != up {
             assert!(
                 Instant::now() < deadline,
                 "proxy never became {}",

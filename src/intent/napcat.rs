@@ -34,15 +34,16 @@
 //! nothing either (NapCat not started yet, or a rename in progress).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::files::{debounce, same_name, wait_changed, watch_files, FileEvents};
 use crate::config::{Secret, Settings};
-use crate::reload::{debounce, wait_changed, watch_files, FileEvents};
-use crate::server::Shared;
+use crate::state::{Lane, Overlay, State};
 
 /// Quiet time after the last file event before NapCat's file is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -51,86 +52,6 @@ pub const POLL_EVERY: Duration = Duration::from_secs(2);
 /// Extra reads of a file that does not parse, before giving up on that version of it.
 pub const RETRIES: u32 = 3;
 pub const RETRY_GAP: Duration = Duration::from_millis(50);
-
-// ---------------------------------------------------------------------------------------
-// Settings layers: lifeguard's own settings, with NapCat's view of the upstream on top.
-
-/// What NapCat's file says about the upstream, applied over lifeguard's own settings.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Overlay {
-    /// The followed server's port.
-    pub port: Option<u16>,
-    /// The followed server's token (`Some(None)`: NapCat requires none).
-    pub token: Option<Option<Secret>>,
-}
-
-impl Overlay {
-    pub fn apply(&self, s: &mut Settings) {
-        if let Some(p) = self.port {
-            s.upstream.port = p;
-        }
-        if let Some(t) = &self.token {
-            if !s.upstream_token_explicit {
-                s.upstream_token = t.clone();
-            }
-        }
-    }
-}
-
-/// The two sources of the running settings, combined under one lock so a config reload
-/// and a NapCat file change never undo each other.
-#[derive(Default)]
-pub struct Layers {
-    inner: Mutex<LayersInner>,
-}
-
-#[derive(Default)]
-struct LayersInner {
-    /// lifeguard's own settings (flags, env, file) as last resolved; `None` until the first
-    /// change (then the running settings, which have no overlay yet).
-    base: Option<Settings>,
-    napcat: Overlay,
-}
-
-impl Layers {
-    /// A reload resolved new settings: apply them with NapCat's overlay on top.
-    /// Returns the effective settings before and after.
-    pub fn set_base(&self, shared: &Shared, base: Settings) -> (Arc<Settings>, Arc<Settings>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.base = Some(base);
-        Self::apply(&inner, shared)
-    }
-
-    /// NapCat's file changed what it says about the upstream.
-    pub fn set_napcat(&self, shared: &Shared, overlay: Overlay) -> (Arc<Settings>, Arc<Settings>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.base.is_none() {
-            inner.base = Some((*shared.settings.load_full()).clone());
-        }
-        inner.napcat = overlay;
-        Self::apply(&inner, shared)
-    }
-
-    /// The overlay in force.
-    pub fn napcat(&self) -> Overlay {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .napcat
-            .clone()
-    }
-
-    fn apply(inner: &LayersInner, shared: &Shared) -> (Arc<Settings>, Arc<Settings>) {
-        let old = shared.settings.load_full();
-        let Some(base) = &inner.base else {
-            return (old.clone(), old);
-        };
-        let mut next = base.clone();
-        inner.napcat.apply(&mut next);
-        shared.apply_settings(next);
-        (old, shared.settings.load_full())
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // NapCat's file formats.
@@ -236,24 +157,35 @@ impl NapcatFile {
 // ---------------------------------------------------------------------------------------
 // The follower.
 
-/// Follow `napcat_config` for as long as the proxy runs, retargeting when a reload changes
-/// `napcat_config` or `napcat_server` (and standing by while it is unset).
-pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut settings_rx = shared.subscribe_settings();
+/// Follow `napcat_config` for as long as the proxy runs, as a background task of the
+/// state's drain, retargeting when a reload changes `napcat_config` or `napcat_server`
+/// (and standing by while it is unset). The returned receiver fires once the file has
+/// been read and acted on the first time (at once when none is configured): nothing may
+/// talk to the backend before, or it would present a token NapCat's file overrides.
+pub fn start(state: &Arc<State>) -> oneshot::Receiver<()> {
+    let (first_tx, first_rx) = oneshot::channel();
+    state.drain.spawn_background(run(state.clone(), first_tx));
+    first_rx
+}
+
+async fn run(state: Arc<State>, first: oneshot::Sender<()>) {
+    let mut first = Some(first);
+    let mut rx = state.subscribe();
+    let stop = state.drain.hard_stop_token();
     loop {
-        let s = shared.settings.load_full();
+        let s = state.settings();
         let target = (s.napcat_config.clone(), s.napcat_server.clone());
         match &target.0 {
             None => {
                 // Not (or no longer) following: NapCat's file has no say.
-                if shared.layers.napcat() != Overlay::default() {
-                    shared.layers.set_napcat(&shared, Overlay::default());
+                state.clear_napcat();
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(());
                 }
-                shared.gate.set_napcat_enabled(true, String::new());
             }
             Some(path) => {
-                let mut f = Follower::new(shared.clone(), path.clone(), target.1.clone());
-                f.run(&mut settings_rx, &target, &stop).await;
+                let mut f = Follower::new(state.clone(), path.clone(), target.1.clone());
+                f.run(&mut rx, &target, &stop, first.take()).await;
             }
         }
         // Wait for a change of target (or stop).
@@ -261,20 +193,20 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             if stop.is_cancelled() {
                 return;
             }
-            let s = shared.settings.load_full();
+            let s = state.settings();
             if (s.napcat_config.clone(), s.napcat_server.clone()) != target {
                 break;
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                r = settings_rx.changed() => if r.is_err() { return },
+                r = rx.changed() => if r.is_err() { return },
             }
         }
     }
 }
 
 struct Follower {
-    shared: Arc<Shared>,
+    state: Arc<State>,
     path: PathBuf,
     server: Option<String>,
     /// The file and server being followed, once found.
@@ -283,6 +215,8 @@ struct Follower {
     last_bytes: Option<Vec<u8>>,
     /// `enable` last acted on.
     enabled: Option<bool>,
+    /// Why the server is off, as last told to the state (`None`: on).
+    off: Option<String>,
     /// The last warning logged, so a steady problem is logged once.
     last_warning: Option<String>,
     token_note_logged: bool,
@@ -331,14 +265,15 @@ fn display_name(p: &Path) -> String {
 }
 
 impl Follower {
-    fn new(shared: Arc<Shared>, path: PathBuf, server: Option<String>) -> Follower {
+    fn new(state: Arc<State>, path: PathBuf, server: Option<String>) -> Follower {
         Follower {
-            shared,
+            state,
             path,
             server,
             tracked: None,
             last_bytes: None,
             enabled: None,
+            off: None,
             last_warning: None,
             token_note_logged: false,
         }
@@ -346,15 +281,16 @@ impl Follower {
 
     async fn run(
         &mut self,
-        settings_rx: &mut tokio::sync::watch::Receiver<Arc<Settings>>,
+        rx: &mut tokio::sync::watch::Receiver<Arc<crate::state::Snapshot>>,
         target: &(Option<PathBuf>, Option<String>),
         stop: &CancellationToken,
+        first: Option<oneshot::Sender<()>>,
     ) {
         let dir_mode = self.path.is_dir();
         let filter: Box<dyn Fn(&Path) -> bool + Send> = if dir_mode {
             Box::new(is_candidate)
         } else {
-            Box::new(crate::reload::same_name(&self.path))
+            Box::new(same_name(&self.path))
         };
         let events: Option<FileEvents> = match watch_files(&self.path, filter) {
             Ok(w) => Some(w),
@@ -375,6 +311,9 @@ impl Follower {
         );
         let changed = events.as_ref().map(|e| e.changed.clone());
         self.check().await;
+        if let Some(tx) = first {
+            let _ = tx.send(());
+        }
         let mut poll = tokio::time::interval(POLL_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.reset();
@@ -387,11 +326,11 @@ impl Follower {
                     }
                 }
                 _ = poll.tick() => {}
-                r = settings_rx.changed() => {
+                r = rx.changed() => {
                     if r.is_err() {
                         return;
                     }
-                    let s = settings_rx.borrow_and_update().clone();
+                    let s = rx.borrow_and_update().settings.clone();
                     if (s.napcat_config.clone(), s.napcat_server.clone()) != *target {
                         return;
                     }
@@ -410,7 +349,12 @@ impl Follower {
     }
 
     fn upstream_port(&self) -> u16 {
-        self.shared.settings.load().upstream.port
+        self.state
+            .settings()
+            .upstream
+            .as_ref()
+            .map(|u| u.port)
+            .unwrap_or(0)
     }
 
     /// Read the followed file (finding it first if needed) and act on what changed.
@@ -538,73 +482,81 @@ impl Follower {
         }
     }
 
-    /// Act on the followed server's current description (`None`: removed from the file).
+    /// Act on the followed server's current description (`None`: removed from the file):
+    /// whether it is on, and its port and token, in one change of the state.
     fn act(&mut self, file: &Path, key: &Key, server: Option<WsServer>) {
         let label = match key {
             Key::Named(n) => format!("websocketServers {n:?}"),
             Key::Flat => "ws".to_string(),
         };
         let fname = display_name(file);
-        let Some(server) = server else {
-            if self.enabled != Some(false) {
-                self.enabled = Some(false);
-                let reason = format!("NapCat's WebSocket server {label} was removed from {fname}");
-                tracing::warn!(file = %file.display(), server = %label, "{reason}");
-                self.shared.gate.set_napcat_enabled(false, reason);
+        let current = self.state.napcat_overlay();
+        let mut next = current.clone();
+        let mut enabled = self.enabled;
+        let mut off = self.off.clone();
+        match &server {
+            None => {
+                if enabled != Some(false) {
+                    let reason =
+                        format!("NapCat's WebSocket server {label} was removed from {fname}");
+                    tracing::warn!(file = %file.display(), server = %label, "{reason}");
+                    enabled = Some(false);
+                    off = Some(reason);
+                }
             }
-            return;
-        };
-        match server.enable {
-            None => self.warn_once(format!(
-                "{label} in {} has no `enable`; not acting on it",
-                file.display()
-            )),
-            Some(enable) if self.enabled != Some(enable) => {
-                let first = self.enabled.is_none();
-                self.enabled = Some(enable);
-                let reason = if enable {
-                    String::new()
-                } else {
-                    format!("NapCat's WebSocket server {label} is disabled in {fname}")
+            Some(server) => {
+                match server.enable {
+                    None => self.warn_once(format!(
+                        "{label} in {} has no `enable`; not acting on it",
+                        file.display()
+                    )),
+                    Some(enable) if enabled != Some(enable) => {
+                        if !(enabled.is_none() && enable) {
+                            tracing::info!(
+                                file = %file.display(),
+                                server = %label,
+                                enable,
+                                "NapCat's config: the forward WebSocket server was {}",
+                                if enable { "enabled (up again once probes pass)" } else { "disabled" }
+                            );
+                        }
+                        enabled = Some(enable);
+                        off = (!enable).then(|| {
+                            format!("NapCat's WebSocket server {label} is disabled in {fname}")
+                        });
+                    }
+                    Some(_) => {}
+                }
+                // Port and token: follow them.
+                let token = server
+                    .token
+                    .as_ref()
+                    .map(|t| Some(Secret::new(t.clone())).filter(|s| !s.expose().is_empty()));
+                next = Overlay {
+                    port: server.port.or(current.port),
+                    token: token.or(current.token.clone()),
                 };
-                if !(first && enable) {
-                    tracing::info!(
-                        file = %file.display(),
-                        server = %label,
-                        enable,
-                        "NapCat's config: the forward WebSocket server was {}",
-                        if enable { "enabled (up again once probes pass)" } else { "disabled" }
-                    );
-                }
-                self.shared.gate.set_napcat_enabled(enable, reason);
-                if enable {
-                    self.shared.gate.kick();
-                }
             }
-            Some(_) => {}
         }
-        // Port and token: follow them.
-        let current = self.shared.layers.napcat();
-        let token = server
-            .token
-            .as_ref()
-            .map(|t| Some(Secret::new(t.clone())).filter(|s| !s.expose().is_empty()));
-        let next = Overlay {
-            port: server.port.or(current.port),
-            token: token.or(current.token.clone()),
-        };
-        if next == current {
+        if next == current && off == self.off {
+            self.enabled = enabled;
             return;
         }
-        let explicit = self.shared.settings.load().upstream_token_explicit;
-        let (old, new) = self.shared.layers.set_napcat(&self.shared, next.clone());
-        if old.upstream.port != new.upstream.port {
+        let switched_on = self.off.is_some() && off.is_none();
+        self.enabled = enabled;
+        self.off = off.clone();
+        let change = self.state.set_napcat(Lane::Forward, next.clone(), off);
+        if switched_on {
+            self.state.kick_probe();
+        }
+        let (old, new) = (&change.before, &change.after);
+        let port = |s: &Settings| s.upstream.as_ref().map(|u| u.port);
+        if port(old) != port(new) {
             tracing::info!(
                 file = %file.display(),
                 server = %label,
-                from = old.upstream.port,
-                to = new.upstream.port,
-                upstream = %new.upstream,
+                from = port(old).unwrap_or(0),
+                to = port(new).unwrap_or(0),
                 "NapCat's config: following its forward WebSocket server to a new port"
             );
         }
@@ -615,7 +567,7 @@ impl Follower {
                 "NapCat's config: following its token for the backend connection"
             );
         }
-        if explicit && next.token.is_some() && next.token != current.token {
+        if new.upstream_token_explicit && next.token.is_some() && next.token != current.token {
             let differs =
                 next.token.as_ref().map(|t| t.as_ref()) != Some(new.upstream_token.as_ref());
             if differs && !self.token_note_logged {
@@ -628,102 +580,6 @@ impl Follower {
             }
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Account state: noticing that QQ is logged in again.
-
-/// While the backend is down because QQ is logged out (cause `offline`), no session is
-/// open to see a heartbeat saying it is back, so ask: every probe interval, a `get_status`
-/// call on the backend's `/api` (NapCat answers with `online`), fed to the gate like a
-/// heartbeat's status. Does nothing while the cause is anything else.
-pub async fn watch_login(shared: Arc<Shared>, stop: CancellationToken) {
-    use crate::upstream::Cause;
-    let mut rx = shared.gate.subscribe();
-    loop {
-        // Wait for the offline state.
-        loop {
-            if rx.borrow_and_update().cause == Cause::Offline {
-                break;
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = rx.changed() => if r.is_err() { return },
-            }
-        }
-        let s = shared.settings.load_full();
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(s.probe.interval) => {}
-        }
-        if shared.gate.snapshot().cause != Cause::Offline {
-            continue;
-        }
-        let asked = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio::time::timeout(s.probe.timeout + s.connect_timeout, ask_online(&s)) => r,
-        };
-        match asked {
-            Ok(Ok(online)) => {
-                if online {
-                    tracing::info!("the backend's QQ account is online again (get_status)");
-                }
-                shared.gate.observe_backend(None, None, None, Some(online));
-            }
-            Ok(Err(e)) => tracing::debug!(error = %e, "get_status on the backend failed"),
-            Err(_) => tracing::debug!("get_status on the backend timed out"),
-        }
-    }
-}
-
-/// `get_status` on the backend's `/api`: its `data.online`.
-async fn ask_online(s: &Settings) -> Result<bool, String> {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::protocol::Role;
-    use tokio_tungstenite::tungstenite::Message;
-    let c = crate::upstream::connect(
-        &s.upstream,
-        "/api",
-        s.upstream_token.as_ref(),
-        s.connect_timeout,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let mut ws = tokio_tungstenite::WebSocketStream::from_partially_read(
-        c.stream,
-        c.leftover,
-        Role::Client,
-        None,
-    )
-    .await;
-    let echo = "lifeguard-login-check";
-    ws.send(Message::text(format!(
-        r#"{{"action":"get_status","params":{{}},"echo":"{echo}"}}"#
-    )))
-    .await
-    .map_err(|e| e.to_string())?;
-    let answer = tokio::time::timeout(s.probe.timeout, async {
-        while let Some(m) = ws.next().await {
-            let Message::Text(t) = m.map_err(|e| e.to_string())? else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<Value>(&t) else {
-                continue;
-            };
-            if v.get("echo").and_then(Value::as_str) == Some(echo) {
-                return v
-                    .pointer("/data/online")
-                    .and_then(Value::as_bool)
-                    .ok_or_else(|| "get_status without data.online".to_string());
-            }
-        }
-        Err("the backend closed the connection".to_string())
-    })
-    .await
-    .map_err(|_| "no get_status reply in time".to_string())?;
-    // Say goodbye, but never wait long for the backend's reply.
-    let _ = tokio::time::timeout(Duration::from_millis(100), ws.close(None)).await;
-    answer
 }
 
 #[cfg(test)]

@@ -22,15 +22,15 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::server::Shared;
+use crate::state::{Lane, State};
 
 type Resp = Response<Full<Bytes>>;
 
 /// Serve the admin listener until shutdown.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub async fn serve(state: Arc<State>, listener: TcpListener) {
     loop {
         let (stream, _) = tokio::select! {
-            _ = shared.hard_stop.cancelled() => return,
+            _ = state.drain.hard_stopped() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -40,12 +40,12 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 }
             },
         };
-        let s = shared.clone();
-        shared.background.spawn(async move {
-            let svc_shared = s.clone();
+        let s = state.clone();
+        state.drain.spawn_background(async move {
+            let svc_state = s.clone();
             let svc = hyper::service::service_fn(move |req| {
-                let sh = svc_shared.clone();
-                async move { Ok::<_, Infallible>(route(&sh, req)) }
+                let st = svc_state.clone();
+                async move { Ok::<_, Infallible>(route(&st, req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -54,7 +54,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = s.hard_stop.cancelled() => {}
+                _ = s.drain.hard_stopped() => {}
             }
         });
     }
@@ -69,24 +69,24 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
 }
 
 /// The JSON `/state` (and `/ready`, `/enable`, `/disable`) answers with.
-pub fn state_json(shared: &Shared) -> serde_json::Value {
-    let snap = shared.gate.snapshot();
-    let [api, event, universal] = shared.open_sessions();
-    let since = snap
+pub fn state_json(state: &State) -> serde_json::Value {
+    let snap = state.snapshot();
+    let fwd = snap.lane(Lane::Forward);
+    let [api, event, universal] = state.sessions.open_by_role(Lane::Forward);
+    let since = fwd
         .since
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    let backend = shared.gate.backend();
-    let settings = shared.settings.load();
+    let backend = state.backend();
     serde_json::json!({
-        "state": if snap.up { "up" } else { "down" },
-        "cause": snap.cause.as_str(),
-        "reason": snap.reason,
+        "state": if fwd.up { "up" } else { "down" },
+        "cause": fwd.cause.as_str(),
+        "reason": fwd.reason,
         "since": since,
-        "for_seconds": snap.since_instant.elapsed().as_secs_f64(),
-        "upstream": settings.upstream.to_string(),
-        "transitions": snap.generation,
+        "for_seconds": fwd.since_instant.elapsed().as_secs_f64(),
+        "upstream": snap.settings.upstream.as_ref().map(|u| u.to_string()),
+        "transitions": fwd.generation,
         "backend": {
             "self_id": backend.self_id,
             "heartbeat_interval_ms": backend.heartbeat_interval_ms,
@@ -96,33 +96,35 @@ pub fn state_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
+fn route(state: &State, req: Request<Incoming>) -> Resp {
     let json = |status, v: serde_json::Value| respond(status, "application/json", format!("{v}\n"));
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => json(StatusCode::OK, serde_json::json!({"status": "live"})),
         (&Method::GET, "/ready") => {
-            let status = if shared.gate.snapshot().up {
+            let status = if state.snapshot().lane(Lane::Forward).up {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            json(status, state_json(shared))
+            json(status, state_json(state))
         }
-        (&Method::GET, "/state") => json(StatusCode::OK, state_json(shared)),
+        (&Method::GET, "/state") => json(StatusCode::OK, state_json(state)),
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.render(),
+            state
+                .metrics
+                .render(state.snapshot().lane(Lane::Forward).since_instant.elapsed()),
         ),
         (&Method::POST, "/disable") => {
             tracing::info!("admin: disable requested");
-            shared.gate.set_admin_enabled(false);
-            json(StatusCode::OK, state_json(shared))
+            state.set_admin_enabled(false);
+            json(StatusCode::OK, state_json(state))
         }
         (&Method::POST, "/enable") => {
             tracing::info!("admin: enable requested");
-            shared.gate.set_admin_enabled(true);
-            json(StatusCode::OK, state_json(shared))
+            state.set_admin_enabled(true);
+            json(StatusCode::OK, state_json(state))
         }
         (_, "/live" | "/ready" | "/state" | "/metrics" | "/disable" | "/enable") => json(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -8,9 +8,6 @@
 //! holds a frame: only an undecidable tail (a split header or a small frame that must be
 //! seen whole) is handed back to the caller to carry over to the next read.
 
-use base64::Engine;
-use sha1::{Digest, Sha1};
-
 pub const OP_CONT: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
@@ -41,20 +38,10 @@ pub const CLASSIFY_MAX: usize = 1024;
 /// How much of a larger text message is shown to the classifier (its first key).
 pub const PEEK: usize = 32;
 
-/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
-pub fn accept_key(key: &[u8]) -> String {
-    let mut h = Sha1::new();
-    h.update(key);
-    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    base64::engine::general_purpose::STANDARD.encode(h.finalize())
-}
-
 /// A fresh random `Sec-WebSocket-Key`.
-pub fn new_key() -> String {
-    let mut raw = [0u8; 16];
-    fastrand::fill(&mut raw);
-    base64::engine::general_purpose::STANDARD.encode(raw)
-}
+pub use tokio_tungstenite::tungstenite::handshake::client::generate_key as new_key;
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 4.2.2).
+pub use tokio_tungstenite::tungstenite::handshake::derive_accept_key as accept_key;
 
 /// Encode one unfragmented frame. `mask` is required for frames a client sends.
 pub fn encode_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
@@ -563,7 +550,7 @@ mod tests {
         });
         assert_eq!((r.forward, r.carry), (100, false));
         assert_eq!(seen, vec![(payload[..PEEK].to_vec(), false)]);
-        assert!(crate::onebot::is_reply(&seen[0].0));
+        assert!(crate::proto::onebot::is_reply(&seen[0].0));
     }
 
     #[test]

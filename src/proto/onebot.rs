@@ -248,7 +248,7 @@ mod tests {
                 ..
             }
         ));
-        for line in include_str!("sim/samples.jsonl")
+        for line in include_str!("../sim/samples.jsonl")
             .lines()
             .filter(|l| l.contains("\"post_type\":\"message\""))
         {

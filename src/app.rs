@@ -1,0 +1,126 @@
+//! The wiring: what starts in which order and how it stops. Imported by nothing in the
+//! library but the entry points (the binary, the demo, tests).
+//!
+//! Start order matters: NapCat's file is read and applied before anything talks to the
+//! backend (otherwise the first probes and sessions would present a token NapCat's file
+//! overrides), then the probes, then the listeners. Stop order is [`State::shutdown`]'s.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::{RunArgs, Settings};
+use crate::intent::{admin, napcat, probe, reload};
+use crate::state::State;
+use crate::transport::ws::listener;
+
+/// How long start-up waits for NapCat's file before going on without it.
+const NAPCAT_FIRST_READ: Duration = Duration::from_secs(2);
+
+/// A running proxy: its listeners and its state.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: Arc<State>,
+}
+
+impl Proxy {
+    /// Bind both listeners and start serving. Errors are bind errors.
+    pub async fn start(settings: Settings) -> std::io::Result<Proxy> {
+        let clients = bind(settings.listen, "").await?;
+        let admin = bind(settings.admin_listen, " (admin)").await?;
+        let addr = clients.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let state = State::new(settings);
+
+        // Intent first: NapCat's file, then the probes.
+        let first_read = napcat::start(&state);
+        if tokio::time::timeout(NAPCAT_FIRST_READ, first_read)
+            .await
+            .is_err()
+        {
+            tracing::warn!("NapCat's config was not read in time; starting without it");
+        }
+        state
+            .drain
+            .spawn_background(probe::run_prober(state.clone()));
+        state
+            .drain
+            .spawn_background(probe::watch_login(state.clone()));
+        state
+            .drain
+            .spawn_background(admin::serve(state.clone(), admin));
+        // Then the transports.
+        state
+            .drain
+            .spawn_session(listener::serve(state.clone(), clients));
+        tracing::info!(
+            listen = %addr,
+            admin = %admin_addr,
+            upstream = %state.settings().upstream.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+            "lifeguard started"
+        );
+        Ok(Proxy {
+            addr,
+            admin_addr,
+            state,
+        })
+    }
+
+    /// Stop accepting, run the disable sequence with 1001 for every session, wait for
+    /// all tasks within the drain budget. True when everything ended in time.
+    pub async fn shutdown(self) -> bool {
+        self.state.shutdown().await
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}{what}: {e}")))
+}
+
+/// Run the proxy until SIGTERM/SIGINT, then drain. Exit 0 on a clean stop.
+pub async fn serve(args: RunArgs, settings: Settings) -> ExitCode {
+    let proxy = match Proxy::start(settings).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("lifeguard: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    reload::start(&proxy.state, args);
+    wait_for_stop_signal().await;
+    proxy.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+pub async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,417 @@
+//! Settings: command line, environment, config file and defaults, resolved into one
+//! immutable [`Settings`] value.
+//!
+//! Precedence is flag > `LIFEGUARD_*` environment variable > config file > default.
+//! clap already folds the first two together (every flag has an `env`), so every field
+//! of [`RunArgs`] is an `Option`: `None` means "not given on the command line or in the
+//! environment", and the file or the default decides.
+//!
+//! Every setting is declared once, in the `settings!` list below ([`fields`] explains the
+//! entry format); flags, variables, file keys, defaults, validation, `check-config` output
+//! and the restart-needed set all come from that list.
+
+mod fields;
+mod file;
+pub mod values;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use file::{parse_file_config, read_file_config};
+pub use values::{parse_duration, LogFormat, Secret, UpstreamUrl};
+
+use fields::settings;
+use values::*;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:6700";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:6701";
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_FALL: u32 = 2;
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_HEARTBEAT_GRACE: f64 = 2.5;
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+/// Exit status for a bad flag, value or config file (sysexits' EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// `lifeguard`: the command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "lifeguard",
+    version,
+    about = "Lifecycle-enforcing reverse proxy for OneBot v11 forward-WebSocket backends",
+    args_conflicts_with_subcommands = false
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy in front of a bundled NapCat simulator and walk through a disable.
+    Demo(DemoArgs),
+    /// Validate the configuration and print the effective settings (secrets masked).
+    CheckConfig,
+    /// Query the admin listener's /live (or /ready) endpoint; exit 0 when it answers 200.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the proxy and the simulator running after the walkthrough (Ctrl-C to stop).
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Ask /ready (backend up) instead of /live (process alive).
+    #[arg(long)]
+    pub ready: bool,
+    /// How long to wait for the answer.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub timeout: Duration,
+}
+
+/// When a changed setting takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// At once, by the running proxy.
+    Live,
+    /// Only after a restart (listen addresses, the log format).
+    Restart,
+}
+
+fn default_addr(s: &str) -> SocketAddr {
+    s.parse().expect("built-in default address parses")
+}
+
+settings! {
+    /// `false` keeps the backend administratively disabled (503, sessions closed with 1012).
+    enabled: bool = true, from bool, via same, applied Live,
+        arg(env = "LIFEGUARD_ENABLED", value_name = "BOOL", hide = true), file();
+    /// Address clients connect to [default: 0.0.0.0:6700].
+    listen: SocketAddr = default_addr(DEFAULT_LISTEN), from SocketAddr, via same, applied Restart,
+        arg(env = "LIFEGUARD_LISTEN", value_name = "ADDR"), file();
+    /// The backend's forward WebSocket server, ws://host:port (required).
+    upstream: Option<UpstreamUrl> = None, from String, via upstream_url, applied Live,
+        arg(env = "LIFEGUARD_UPSTREAM", value_name = "URL"), file();
+    /// Token clients must present (Bearer/Token header or ?access_token=); unset = open.
+    access_token: Option<Secret> = None, from String, via secret, applied Live,
+        arg(env = "LIFEGUARD_ACCESS_TOKEN", value_name = "TOKEN", hide_env_values = true), file();
+    /// Token lifeguard presents to the backend [default: the access token].
+    upstream_token: Option<Secret> = None, from String, via secret, applied Live,
+        arg(env = "LIFEGUARD_UPSTREAM_TOKEN", value_name = "TOKEN", hide_env_values = true), file();
+    /// Admin listener: /live, /ready, /state, /metrics, POST /disable, POST /enable [default: 127.0.0.1:6701].
+    admin_listen: SocketAddr = default_addr(DEFAULT_ADMIN_LISTEN), from SocketAddr, via same, applied Restart,
+        arg(env = "LIFEGUARD_ADMIN_LISTEN", value_name = "ADDR"), file();
+    /// Time between active probes (a WebSocket handshake on the backend's /api) [default: 1s].
+    probe_interval: Duration = DEFAULT_PROBE_INTERVAL, from Duration, via positive("probe_interval"), applied Live,
+        arg(env = "LIFEGUARD_PROBE_INTERVAL", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// How long one probe may take [default: 1s].
+    probe_timeout: Duration = DEFAULT_PROBE_TIMEOUT, from Duration, via positive("probe_timeout"), applied Live,
+        arg(env = "LIFEGUARD_PROBE_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// Consecutive failed probes that mark the backend down [default: 2].
+    fall: u32 = DEFAULT_FALL, from u32, via at_least("fall", 1), applied Live,
+        arg(env = "LIFEGUARD_FALL", value_name = "N"), file();
+    /// Consecutive successful probes that mark it up again [default: 2].
+    rise: u32 = DEFAULT_RISE, from u32, via at_least("rise", 1), applied Live,
+        arg(env = "LIFEGUARD_RISE", value_name = "N"), file();
+    /// A session whose backend sends no heartbeat for FACTOR x its announced interval is dead [default: 2.5].
+    heartbeat_grace: f64 = DEFAULT_HEARTBEAT_GRACE, from f64, via grace_factor, applied Live,
+        arg(env = "LIFEGUARD_HEARTBEAT_GRACE", value_name = "FACTOR"), file();
+    /// How long to wait for a client's Close reply before closing its TCP socket [default: 1s].
+    close_timeout: Duration = DEFAULT_CLOSE_TIMEOUT, from Duration, via same, applied Live,
+        arg(env = "LIFEGUARD_CLOSE_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// Shutdown budget on SIGTERM/SIGINT [default: 10s].
+    drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT, from Duration, via same, applied Live,
+        arg(env = "LIFEGUARD_DRAIN_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// How long to wait for the backend's TCP connect and handshake for a new client [default: 3s].
+    connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT, from Duration, via positive("connect_timeout"), applied Live,
+        arg(env = "LIFEGUARD_CONNECT_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// Largest message a client may send, in bytes; larger ones close with 1009 [default: 67108864].
+    max_message_size: usize = DEFAULT_MAX_MESSAGE_SIZE, from usize, via at_least("max_message_size", 1024), applied Live,
+        arg(env = "LIFEGUARD_MAX_MESSAGE_SIZE", value_name = "BYTES"), file();
+    /// NapCat's onebot11_<uin>.json (or its config directory) to follow `enable` in.
+    napcat_config: Option<PathBuf> = None, from PathBuf, via some, applied Live,
+        arg(env = "LIFEGUARD_NAPCAT_CONFIG", value_name = "PATH"), file();
+    /// Which websocketServers entry (by name) of the NapCat config [default: the one whose port matches --upstream].
+    napcat_server: Option<String> = None, from String, via name("napcat_server", "match by port"), applied Live,
+        arg(env = "LIFEGUARD_NAPCAT_SERVER", value_name = "NAME"), file();
+    /// Treat a heartbeat with status.online == false (QQ logged out) as down [default: true].
+    offline_is_down: bool = true, from bool, via same, applied Live,
+        arg(env = "LIFEGUARD_OFFLINE_IS_DOWN", value_name = "BOOL"), file();
+    /// Send a client a heartbeat when nothing was sent to it for DUR [default: off].
+    client_heartbeat: Option<Duration> = None, from Duration, via positive_or_off("client_heartbeat"), applied Live,
+        arg(env = "LIFEGUARD_CLIENT_HEARTBEAT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// Log format [default: text]; the filter comes from RUST_LOG (default: info).
+    log_format: LogFormat = LogFormat::Text, from LogFormat, via same, applied Restart,
+        arg(env = "LIFEGUARD_LOG_FORMAT", value_name = "FORMAT"), file();
+}
+
+/// A configuration problem: what, and where when it came from the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// Several problems, each one clear line (what `check-config` prints, one per line).
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// Every problem as its own line.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Many(all) => all.iter().flat_map(|e| e.problems()).collect(),
+            e => vec![e.to_string()],
+        }
+    }
+
+    fn many(mut all: Vec<ConfigError>) -> ConfigError {
+        if all.len() == 1 {
+            all.remove(0)
+        } else {
+            ConfigError::Many(all)
+        }
+    }
+}
+
+impl Settings {
+    /// Read `--config` (when given) and resolve everything; what `main`, `check-config`
+    /// and every reload use. The file is parsed once.
+    ///
+    /// Every problem is reported, not only the first: unreadable file, each bad key (with
+    /// its line), each bad value (with the flag or the file line it came from).
+    pub fn load(args: &RunArgs) -> Result<Settings, ConfigError> {
+        let Some(path) = &args.config else {
+            return Settings::resolve(args, None);
+        };
+        let parsed = file::read(path)?;
+        let file_problems = parsed.problems.iter().map(|message| ConfigError::File {
+            path: path.to_path_buf(),
+            message: message.clone(),
+        });
+        if parsed.syntax_error {
+            // Nothing in the file could be read: its syntax error is the one problem.
+            return Err(ConfigError::many(file_problems.collect()));
+        }
+        let mut problems: Vec<ConfigError> = file_problems.collect();
+        match Settings::resolve_located(args, &parsed.config, Some((path, &parsed))) {
+            Ok(s) if problems.is_empty() => Ok(s),
+            Ok(_) => Err(ConfigError::many(problems)),
+            Err(e) => {
+                problems.extend(match e {
+                    ConfigError::Many(all) => all,
+                    e => vec![e],
+                });
+                Err(ConfigError::many(problems))
+            }
+        }
+    }
+
+    /// Merge: command line/env first, then the file, then defaults; then validate.
+    pub fn resolve(args: &RunArgs, file: Option<&FileConfig>) -> Result<Settings, ConfigError> {
+        let empty = FileConfig::default();
+        Settings::resolve_located(args, file.unwrap_or(&empty), None)
+    }
+
+    fn resolve_located(
+        args: &RunArgs,
+        file: &FileConfig,
+        src: Option<(&Path, &file::Parsed)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut bad = Vec::new();
+        let mut s = Settings::layered(args, file, &mut bad);
+        let mut problems: Vec<ConfigError> = bad
+            .into_iter()
+            .map(|(key, by_flag, message)| located(by_flag, key, src, message))
+            .collect();
+        if s.upstream.is_none() && !args.gives("upstream") && file.upstream.is_none() {
+            problems.insert(
+                0,
+                ConfigError::Invalid(
+                    "missing upstream: pass --upstream ws://host:port (or LIFEGUARD_UPSTREAM, or `upstream` in the config file)"
+                        .into(),
+                ),
+            );
+        }
+        // The upstream token defaults to the access token, except when NapCat's file is
+        // followed: then NapCat's own token for the followed server applies once its file
+        // is read, and until then lifeguard presents none.
+        s.upstream_token_explicit = args.gives("upstream_token") || file.upstream_token.is_some();
+        if !s.upstream_token_explicit && s.napcat_config.is_none() {
+            s.upstream_token = s.access_token.clone();
+        }
+        if problems.is_empty() {
+            Ok(s)
+        } else {
+            Err(ConfigError::many(problems))
+        }
+    }
+
+    /// The settings as `check-config` prints them: one `key = value` a line, secrets masked.
+    pub fn render(&self) -> String {
+        self.entries()
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect()
+    }
+
+    /// Keys that differ between `self` and `new` and apply at once.
+    pub fn live_changes(&self, new: &Settings) -> Vec<&'static str> {
+        self.changes(new, Applied::Live)
+    }
+
+    /// Keys that differ between `self` and `new` but only take effect on restart.
+    pub fn restart_changes(&self, new: &Settings) -> Vec<&'static str> {
+        self.changes(new, Applied::Restart)
+    }
+
+    fn changes(&self, new: &Settings, when: Applied) -> Vec<&'static str> {
+        self.changed_keys(new)
+            .into_iter()
+            .filter(|k| KEYS.iter().any(|(key, a)| key == k && *a == when))
+            .collect()
+    }
+}
+
+/// A bad value, named by where it came from: the flag (or its env var), or the file's line.
+fn located(
+    by_flag: bool,
+    key: &str,
+    src: Option<(&Path, &file::Parsed)>,
+    message: String,
+) -> ConfigError {
+    if by_flag {
+        let flag = key.replace('_', "-");
+        let env = format!("LIFEGUARD_{}", key.to_uppercase());
+        return ConfigError::Invalid(format!("--{flag} (or {env}): {message}"));
+    }
+    match src {
+        Some((path, parsed)) => ConfigError::File {
+            path: path.to_path_buf(),
+            message: match parsed.line_of(key) {
+                Some(l) => format!("line {l}: {message}"),
+                None => message,
+            },
+        },
+        None => ConfigError::Invalid(message),
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(upstream: &str) -> RunArgs {
+        RunArgs {
+            upstream: Some(upstream.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let u = UpstreamUrl::parse("ws://napcat:3001").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.base_path.as_str()),
+            ("napcat", 3001, "")
+        );
+        let u = UpstreamUrl::parse("ws://[::1]:3001/onebot/").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.base_path.as_str()),
+            ("::1", 3001, "/onebot")
+        );
+        assert_eq!(u.authority(), "[::1]:3001");
+        assert_eq!(UpstreamUrl::parse("ws://h").unwrap().port, 80);
+        assert!(UpstreamUrl::parse("http://h:1").is_err());
+        assert!(UpstreamUrl::parse("wss://h:1").is_err());
+        assert!(UpstreamUrl::parse("ws://h:99999").is_err());
+        assert!(UpstreamUrl::parse("ws://:1").is_err());
+    }
+
+    #[test]
+    fn precedence_flag_over_file_over_default() {
+        let file =
+            parse_file_config("upstream = \"ws://file:1\"\nfall = 5\nprobe_interval = \"250ms\"\n")
+                .unwrap();
+        let mut a = args("ws://flag:2");
+        a.fall = Some(7);
+        let s = Settings::resolve(&a, Some(&file)).unwrap();
+        assert_eq!(s.upstream.unwrap().host, "flag");
+        assert_eq!(s.fall, 7);
+        assert_eq!(s.probe_interval, Duration::from_millis(250));
+        assert_eq!(s.rise, DEFAULT_RISE);
+        assert_eq!(s.listen, DEFAULT_LISTEN.parse().unwrap());
+    }
+
+    #[test]
+    fn upstream_token_defaults_to_access_token_and_never_renders() {
+        let mut a = args("ws://h:1");
+        a.access_token = Some("s3cret".into());
+        let s = Settings::resolve(&a, None).unwrap();
+        assert_eq!(s.upstream_token.as_ref().unwrap().expose(), "s3cret");
+        assert!(!s.render().contains("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn file_errors_name_the_line() {
+        let err = parse_file_config("upstream = \"ws://h:1\"\nfall = \"two\"\n").unwrap_err();
+        assert!(err.starts_with("line 2:"), "{err}");
+        let err = parse_file_config("nope = 1\n").unwrap_err();
+        assert!(err.contains("nope"), "{err}");
+        let err = parse_file_config("probe_interval = \"soon\"\n").unwrap_err();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn missing_upstream_is_one_clear_error() {
+        let err = Settings::resolve(&RunArgs::default(), None).unwrap_err();
+        assert!(err.to_string().contains("--upstream"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("lifeguard-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("many.toml");
+        std::fs::write(
+            &path,
+            "upstream = \"ws://h:1\"\nfall = 0\nrise = \"two\"\nnope = 1\nheartbeat_grace = 0.5\n",
+        )
+        .unwrap();
+        let a = RunArgs {
+            config: Some(path.clone()),
+            probe_interval: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        let err = Settings::load(&a).unwrap_err();
+        let p = err.problems();
+        assert_eq!(p.len(), 5, "{p:#?}");
+        let has = |needle: &str| p.iter().any(|l| l.contains(needle));
+        assert!(has("line 2: fall must be at least 1"), "{p:#?}");
+        assert!(has("line 3: rise"), "{p:#?}");
+        assert!(has("line 4: unknown field `nope`"), "{p:#?}");
+        assert!(has("line 5: heartbeat_grace"), "{p:#?}");
+        assert!(has("--probe-interval"), "{p:#?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

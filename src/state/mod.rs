@@ -1,0 +1,387 @@
+//! The one state every transport acts on, and the only thing intent writes to.
+//!
+//! - [`gate`]: the lanes' states, derived purely from their inputs;
+//! - [`settings`]: the effective settings (lifeguard's own, NapCat's overlay on top);
+//! - [`sessions`]: the open sessions, counted, and the mass-disable sweep;
+//! - [`drain`]: every spawned task, and the shutdown order.
+//!
+//! Inputs and settings change under one lock; each change publishes one [`Snapshot`]
+//! (health per lane plus the effective settings) in an `ArcSwap` for handshakes to read
+//! with one atomic load, and on a `watch` channel that sessions wait on. Intent modules
+//! call the `set_*`/`observe_*` methods; transports read [`State::snapshot`] and
+//! [`State::subscribe`]. Nothing in here calls out to code that could call back in.
+
+pub mod drain;
+pub mod gate;
+pub mod sessions;
+pub mod settings;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{watch, Notify};
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+
+pub use drain::Drain;
+pub use gate::{Cause, Health, Lane};
+pub use sessions::{SessionGuard, SessionSet, SweepTicket};
+pub use settings::{Origin, Overlay};
+
+/// One consistent view: every lane's state and the settings in force.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub lanes: [Arc<Health>; Lane::COUNT],
+    pub settings: Arc<Settings>,
+}
+
+impl Snapshot {
+    pub fn lane(&self, lane: Lane) -> &Arc<Health> {
+        &self.lanes[lane.index()]
+    }
+}
+
+/// What the backend last told about itself (from its own events).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BackendInfo {
+    pub self_id: Option<u64>,
+    /// The raw `status` object of the latest heartbeat.
+    pub status: Option<String>,
+    pub heartbeat_interval_ms: Option<u64>,
+}
+
+/// A lane's transition, as published.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub lane: Lane,
+    pub from: Arc<Health>,
+    pub to: Arc<Health>,
+}
+
+/// What a settings change did.
+#[derive(Debug, Clone)]
+pub struct SettingsChange {
+    pub before: Arc<Settings>,
+    pub after: Arc<Settings>,
+    /// Keys that differ and took effect.
+    pub applied: Vec<&'static str>,
+    /// Keys that differ in lifeguard's own settings but wait for a restart.
+    pub restart_needed: Vec<&'static str>,
+}
+
+struct Core {
+    inputs: gate::Inputs,
+    layers: settings::Layers,
+}
+
+pub struct State {
+    core: Mutex<Core>,
+    snapshot: ArcSwap<Snapshot>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    /// A passive failure (a session's backend socket died): probe now.
+    probe_now: Notify,
+    backend: ArcSwap<BackendInfo>,
+    pub sessions: Arc<SessionSet>,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+}
+
+impl State {
+    pub fn new(settings: Settings) -> Arc<State> {
+        let inputs = gate::Inputs::new(settings.enabled, settings.offline_is_down);
+        let layers = settings::Layers::new(settings);
+        let lanes = Lane::ALL.map(|l| Health::starting_now(gate::derive(&inputs, l), 0));
+        let snap = Arc::new(Snapshot {
+            lanes,
+            settings: layers.effective().clone(),
+        });
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_up(snap.lane(Lane::Forward).up);
+        let (tx, _) = watch::channel(snap.clone());
+        Arc::new(State {
+            core: Mutex::new(Core { inputs, layers }),
+            snapshot: ArcSwap::new(snap),
+            tx,
+            probe_now: Notify::new(),
+            backend: ArcSwap::from_pointee(BackendInfo::default()),
+            sessions: Arc::new(SessionSet::new(metrics.clone())),
+            metrics,
+            drain: Drain::default(),
+        })
+    }
+
+    // --- reading --------------------------------------------------------------------
+
+    /// The current state: one atomic load.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// A receiver that sees every published change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.snapshot.load().settings.clone()
+    }
+
+    pub fn backend(&self) -> Arc<BackendInfo> {
+        self.backend.load_full()
+    }
+
+    /// What NapCat's file currently says about the upstream.
+    pub fn napcat_overlay(&self) -> Overlay {
+        self.lock().layers.napcat().clone()
+    }
+
+    /// lifeguard's own settings, without NapCat's overlay.
+    pub fn base_settings(&self) -> Settings {
+        self.lock().layers.base().clone()
+    }
+
+    // --- writing (intent) -----------------------------------------------------------
+
+    /// `POST /disable` / `POST /enable`.
+    pub fn set_admin_enabled(&self, enabled: bool) {
+        self.update(|c| c.inputs.admin_enabled = enabled);
+    }
+
+    /// SIGTERM/SIGINT: down for good, with cause `shutdown`.
+    pub fn begin_shutdown(&self) {
+        self.update(|c| c.inputs.shutting_down = true);
+    }
+
+    /// lifeguard's own settings were (re)loaded.
+    pub fn set_base_settings(&self, base: Settings) -> SettingsChange {
+        self.change_settings(Origin::Config, |c| c.layers.set_base(base))
+    }
+
+    /// NapCat's file: what it says about the upstream, and whether the server that
+    /// `lane` relays is on (`off`: why not). One publication, so a file that switches a
+    /// server off and moves it is one transition.
+    pub fn set_napcat(&self, lane: Lane, overlay: Overlay, off: Option<String>) -> SettingsChange {
+        self.change_settings(Origin::Napcat, |c| {
+            c.layers.set_napcat(overlay);
+            c.inputs.napcat_off[lane.index()] = off;
+        })
+    }
+
+    /// NapCat's file is no longer followed: it has no say any more.
+    pub fn clear_napcat(&self) {
+        self.change_settings(Origin::Napcat, |c| {
+            c.layers.set_napcat(Overlay::default());
+            c.inputs.napcat_off = Default::default();
+        });
+    }
+
+    /// The probe epoch and the settings a probe should use now.
+    pub fn probe_target(&self) -> (u64, Arc<Settings>) {
+        let core = self.lock();
+        (core.inputs.probe_epoch, core.layers.effective().clone())
+    }
+
+    /// A probe's outcome. Ignored when the upstream moved since the probe started.
+    pub fn observe_probe(&self, epoch: u64, result: Result<(), String>) {
+        self.update(|c| {
+            if c.inputs.probe_epoch != epoch {
+                return;
+            }
+            let s = c.layers.effective();
+            let (fall, rise) = (s.fall, s.rise);
+            c.inputs.retarget = None;
+            c.inputs.probe.observe(result, fall, rise);
+        });
+    }
+
+    /// The QQ account's login state, as the backend just reported it.
+    pub fn observe_online(&self, online: bool) {
+        if self.lock().inputs.online == online {
+            return;
+        }
+        self.update(|c| c.inputs.online = online);
+    }
+
+    /// What a session learned from a backend event. Cheap when nothing changed.
+    pub fn observe_backend(
+        &self,
+        self_id: Option<u64>,
+        status: Option<&str>,
+        interval_ms: Option<u64>,
+    ) {
+        let cur = self.backend.load();
+        let changed = (self_id.is_some() && self_id != cur.self_id)
+            || (status.is_some() && status != cur.status.as_deref())
+            || (interval_ms.is_some() && interval_ms != cur.heartbeat_interval_ms);
+        if !changed {
+            return;
+        }
+        self.backend.rcu(|cur| {
+            let mut next = (**cur).clone();
+            if self_id.is_some() {
+                next.self_id = self_id;
+            }
+            if let Some(s) = status {
+                next.status = Some(s.to_string());
+            }
+            if interval_ms.is_some() {
+                next.heartbeat_interval_ms = interval_ms;
+            }
+            next
+        });
+    }
+
+    /// A session's backend socket failed: probe now instead of at the next interval.
+    pub fn kick_probe(&self) {
+        self.probe_now.notify_one();
+    }
+
+    /// Resolves when a probe was asked for.
+    pub async fn probe_kicked(&self) {
+        self.probe_now.notified().await
+    }
+
+    /// Stop accepting, tell every session lifeguard is going away, and wait for them
+    /// (within `drain_timeout`), then for the background tasks. True when drained.
+    pub async fn shutdown(&self) -> bool {
+        let budget = self.settings().drain_timeout;
+        tracing::info!(
+            sessions = self.sessions.total(),
+            tasks = self.drain.session_tasks(),
+            budget_ms = budget.as_millis() as u64,
+            "shutting down"
+        );
+        let drained = self.drain.shutdown(budget, || self.begin_shutdown()).await;
+        tracing::info!(drained, "stopped");
+        drained
+    }
+
+    // --- publishing -----------------------------------------------------------------
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn change_settings(&self, origin: Origin, f: impl FnOnce(&mut Core)) -> SettingsChange {
+        let mut change = None;
+        self.update(|c| {
+            let before = c.layers.effective().clone();
+            f(c);
+            let after = c.layers.effective().clone();
+            if before.upstream != after.upstream {
+                let (by, reason) = match origin {
+                    Origin::Config => (
+                        Cause::Config,
+                        format!("lifeguard's config moved the upstream to {}", show(&after)),
+                    ),
+                    Origin::Napcat => (
+                        Cause::NapcatConfig,
+                        format!(
+                            "NapCat's config moved its WebSocket server to {}",
+                            show(&after)
+                        ),
+                    ),
+                };
+                c.inputs.retarget(by, reason);
+            }
+            c.inputs.config_enabled = after.enabled;
+            c.inputs.offline_is_down = after.offline_is_down;
+            change = Some(SettingsChange {
+                applied: before.live_changes(&after),
+                restart_needed: c.layers.restart_needed(),
+                before,
+                after,
+            });
+        });
+        let change = change.expect("update ran");
+        if !change.applied.is_empty() {
+            // The prober may be asleep for an interval that just changed, or about to
+            // probe an address or with a token that just changed: probe now.
+            self.kick_probe();
+        }
+        change
+    }
+
+    /// Change inputs, derive every lane, publish when anything changed. Logging happens
+    /// after the lock is released.
+    fn update(&self, f: impl FnOnce(&mut Core)) {
+        let transitions = {
+            let mut core = self.lock();
+            f(&mut core);
+            self.publish(&core)
+        };
+        for t in transitions {
+            tracing::info!(
+                lane = t.lane.as_str(),
+                state = if t.to.up { "up" } else { "down" },
+                cause = %t.to.cause,
+                reason = %t.to.reason,
+                previous = %t.from.cause,
+                previous_for_ms = t.from.since_instant.elapsed().as_millis() as u64,
+                "upstream state changed"
+            );
+        }
+    }
+
+    /// Called with the lock held, so publications happen in the order of the changes.
+    fn publish(&self, core: &Core) -> Vec<Transition> {
+        let old = self.snapshot.load_full();
+        let mut lanes = old.lanes.clone();
+        let mut transitions = Vec::new();
+        for lane in Lane::ALL {
+            let prev = &old.lanes[lane.index()];
+            let (up, cause, reason) = gate::derive(&core.inputs, lane);
+            if prev.up == up && prev.cause == cause {
+                if !up && prev.reason != reason {
+                    // Same state, better words (the latest probe error): no transition.
+                    lanes[lane.index()] = Arc::new(Health {
+                        reason,
+                        ..(**prev).clone()
+                    });
+                }
+                continue;
+            }
+            let next = Health::starting_now((up, cause, reason), prev.generation + 1);
+            lanes[lane.index()] = next.clone();
+            transitions.push(Transition {
+                lane,
+                from: prev.clone(),
+                to: next,
+            });
+        }
+        let settings = core.layers.effective();
+        let same_lanes = lanes.iter().zip(&old.lanes).all(|(a, b)| Arc::ptr_eq(a, b));
+        if same_lanes && Arc::ptr_eq(settings, &old.settings) {
+            return transitions;
+        }
+        // Prepared before any session hears of it: every session of a lane that just went
+        // down takes part in the sweep.
+        let went_down: Vec<Lane> = transitions
+            .iter()
+            .filter(|t| t.from.up && !t.to.up)
+            .map(|t| t.lane)
+            .collect();
+        if !went_down.is_empty() {
+            self.sessions.begin_sweep(&went_down);
+        }
+        for t in &transitions {
+            self.metrics.transition(t.to.up, t.to.cause.as_str());
+        }
+        let snap = Arc::new(Snapshot {
+            lanes,
+            settings: settings.clone(),
+        });
+        self.snapshot.store(snap.clone());
+        self.tx.send_replace(snap);
+        transitions
+    }
+}
+
+fn show(s: &Settings) -> String {
+    s.upstream
+        .as_ref()
+        .map(|u| u.to_string())
+        .unwrap_or_else(|| "(none)".into())
+}
