@@ -1,7 +1,9 @@
 //! Prometheus metrics (`GET /metrics` on the admin listener), with prometheus-client.
 //!
 //! Hot-path counters (frames and bytes relayed) are plain handles taken once, so relaying
-//! costs one relaxed atomic add per read batch, not a label lookup.
+//! costs one relaxed atomic add per read batch, not a label lookup. Per-lane series carry
+//! `lane` (the state's) or `transport` (sessions, handshakes) labels with the lane's name,
+//! and exist only for lanes that are configured.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -20,8 +22,8 @@ type Labels = Vec<(&'static str, String)>;
 /// Every metric lifeguard exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
-    upstream_up: Gauge,
-    state_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    upstream_up: Family<Labels, Gauge>,
+    state_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     transitions: Family<Labels, Counter>,
     probe_seconds: Family<Labels, Histogram>,
     sessions_open: Family<Labels, Gauge>,
@@ -37,6 +39,13 @@ fn l(k: &'static str, v: impl Into<String>) -> Labels {
     vec![(k, v.into())]
 }
 
+fn session(transport: &'static str, role: Role) -> Labels {
+    vec![
+        ("transport", transport.to_string()),
+        ("path", role.as_str().to_string()),
+    ]
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -46,8 +55,8 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut r = Registry::with_prefix("lifeguard");
-        let upstream_up = Gauge::default();
-        let state_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let upstream_up = Family::<Labels, Gauge>::default();
+        let state_seconds = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let transitions = Family::<Labels, Counter>::default();
         let probe_seconds: Family<Labels, Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14)));
@@ -59,17 +68,17 @@ impl Metrics {
         let reloads = Family::<Labels, Counter>::default();
         r.register(
             "upstream_up",
-            "1 when the backend is up (accepting sessions), 0 when down",
+            "1 when the lane is up (accepting sessions), 0 when down, by lane",
             upstream_up.clone(),
         );
         r.register(
             "upstream_state_seconds",
-            "Seconds since the backend's state last changed",
+            "Seconds since the lane's state last changed, by lane",
             state_seconds.clone(),
         );
         r.register(
             "upstream_transitions",
-            "Backend state transitions, by the new state's cause",
+            "State transitions, by lane and the new state's cause",
             transitions.clone(),
         );
         r.register(
@@ -79,12 +88,12 @@ impl Metrics {
         );
         r.register(
             "sessions_open",
-            "Open sessions, by path role",
+            "Open sessions, by transport and path role",
             sessions_open.clone(),
         );
         r.register(
             "sessions_closed",
-            "Closed sessions, by cause and close code sent",
+            "Closed sessions, by transport, cause and close code sent",
             sessions_closed.clone(),
         );
         r.register(
@@ -99,7 +108,7 @@ impl Metrics {
         );
         r.register(
             "handshakes",
-            "Client handshakes answered, by HTTP status",
+            "Client handshakes answered, by transport and HTTP status",
             handshakes.clone(),
         );
         r.register(
@@ -115,9 +124,6 @@ impl Metrics {
             frames.get_or_create(&l("direction", "to_backend")).clone(),
             bytes.get_or_create(&l("direction", "to_backend")).clone(),
         );
-        for role in [Role::Api, Role::Event, Role::Universal] {
-            let _ = sessions_open.get_or_create(&l("path", role.as_str()));
-        }
         for result in ["ok", "failed"] {
             let _ = reloads.get_or_create(&l("result", result));
         }
@@ -136,15 +142,27 @@ impl Metrics {
         }
     }
 
-    /// The forward lane's state at start.
-    pub fn set_up(&self, up: bool) {
-        self.upstream_up.set(up as i64);
+    /// A configured lane's state: its series exist from now on, sessions' included.
+    pub fn lane_configured(&self, lane: &'static str, up: bool, roles: &[Role]) {
+        self.upstream_up
+            .get_or_create(&l("lane", lane))
+            .set(up as i64);
+        for role in roles {
+            let _ = self.sessions_open.get_or_create(&session(lane, *role));
+        }
     }
 
-    /// The forward lane changed state: the up gauge, and transitions by the new cause.
-    pub fn transition(&self, up: bool, cause: &str) {
-        self.upstream_up.set(up as i64);
-        self.transitions.get_or_create(&l("cause", cause)).inc();
+    /// A lane changed state: its up gauge, and transitions by the new cause.
+    pub fn transition(&self, lane: &'static str, up: bool, cause: &str) {
+        self.upstream_up
+            .get_or_create(&l("lane", lane))
+            .set(up as i64);
+        self.transitions
+            .get_or_create(&vec![
+                ("lane", lane.to_string()),
+                ("cause", cause.to_string()),
+            ])
+            .inc();
     }
 
     pub fn probe_done(&self, d: Duration, ok: bool) {
@@ -154,25 +172,35 @@ impl Metrics {
             .observe(d.as_secs_f64());
     }
 
-    pub fn session_opened(&self, role: Role) {
+    pub fn session_opened(&self, transport: &'static str, role: Role) {
         self.sessions_open
-            .get_or_create(&l("path", role.as_str()))
+            .get_or_create(&session(transport, role))
             .inc();
     }
 
-    pub fn session_aborted(&self, role: Role) {
+    pub fn session_aborted(&self, transport: &'static str, role: Role) {
         self.sessions_open
-            .get_or_create(&l("path", role.as_str()))
+            .get_or_create(&session(transport, role))
             .dec();
     }
 
-    pub fn session_closed(&self, role: Role, cause: &str, code: Option<u16>) {
+    pub fn session_closed(
+        &self,
+        transport: &'static str,
+        role: Role,
+        cause: &str,
+        code: Option<u16>,
+    ) {
         self.sessions_open
-            .get_or_create(&l("path", role.as_str()))
+            .get_or_create(&session(transport, role))
             .dec();
         let code = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
         self.sessions_closed
-            .get_or_create(&vec![("cause", cause.to_string()), ("code", code)])
+            .get_or_create(&vec![
+                ("transport", transport.to_string()),
+                ("cause", cause.to_string()),
+                ("code", code),
+            ])
             .inc();
     }
 
@@ -191,9 +219,12 @@ impl Metrics {
         }
     }
 
-    pub fn handshake(&self, status: u16) {
+    pub fn handshake(&self, transport: &'static str, status: u16) {
         self.handshakes
-            .get_or_create(&l("status", status.to_string()))
+            .get_or_create(&vec![
+                ("transport", transport.to_string()),
+                ("status", status.to_string()),
+            ])
             .inc();
     }
 
@@ -203,9 +234,14 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition format; `state_for` is how long the current state has lasted.
-    pub fn render(&self, state_for: Duration) -> String {
-        self.state_seconds.set(state_for.as_secs_f64());
+    /// The text exposition format; `state_for` is how long each configured lane's
+    /// current state has lasted.
+    pub fn render(&self, state_for: &[(&'static str, Duration)]) -> String {
+        for (lane, d) in state_for {
+            self.state_seconds
+                .get_or_create(&l("lane", *lane))
+                .set(d.as_secs_f64());
+        }
         let mut out = String::new();
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         if encode(&mut out, &reg).is_err() {

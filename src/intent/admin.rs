@@ -22,7 +22,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::state::{Lane, State};
+use crate::state::{Health, Lane, State};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -68,32 +68,63 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     r
 }
 
-/// The JSON `/state` (and `/ready`, `/enable`, `/disable`) answers with.
-pub fn state_json(state: &State) -> serde_json::Value {
-    let snap = state.snapshot();
-    let fwd = snap.lane(Lane::Forward);
-    let [api, event, universal] = state.sessions.open_by_role(Lane::Forward);
-    let since = fwd
+/// One lane's state, as `/state` shows it.
+fn lane_json(health: &Health, sessions: [usize; 3]) -> serde_json::Value {
+    let since = health
         .since
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    let backend = state.backend();
+    let [api, event, universal] = sessions;
     serde_json::json!({
-        "state": if fwd.up { "up" } else { "down" },
-        "cause": fwd.cause.as_str(),
-        "reason": fwd.reason,
+        "state": if health.up { "up" } else { "down" },
+        "cause": health.cause.as_str(),
+        "reason": health.reason,
         "since": since,
-        "for_seconds": fwd.since_instant.elapsed().as_secs_f64(),
-        "upstream": snap.settings.upstream.as_ref().map(|u| u.to_string()),
-        "transitions": fwd.generation,
-        "backend": {
-            "self_id": backend.self_id,
-            "heartbeat_interval_ms": backend.heartbeat_interval_ms,
-            "status": backend.status.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
-        },
+        "for_seconds": health.since_instant.elapsed().as_secs_f64(),
+        "transitions": health.generation,
         "sessions": {"total": api + event + universal, "api": api, "event": event, "universal": universal},
     })
+}
+
+/// The JSON `/state` (and `/ready`, `/enable`, `/disable`) answers with: the summary
+/// (the first configured lane that is down, else the first) at the top, every configured
+/// lane under `lanes`.
+pub fn state_json(state: &State) -> serde_json::Value {
+    let snap = state.snapshot();
+    let (_, summary) = snap.summary();
+    let backend = state.backend();
+    let mut lanes = serde_json::Map::new();
+    for lane in snap.configured() {
+        lanes.insert(
+            lane.as_str().to_string(),
+            lane_json(snap.lane(lane), state.sessions.open_by_role(lane)),
+        );
+    }
+    let total = state.sessions.total();
+    let mut v = lane_json(summary, [0; 3]);
+    let [api, event, universal] = state.sessions.open_by_role(Lane::Forward);
+    v["sessions"] =
+        serde_json::json!({"total": total, "api": api, "event": event, "universal": universal});
+    v["upstream"] = serde_json::json!(snap.settings.upstream.as_ref().map(|u| u.to_string()));
+    v["backend"] = serde_json::json!({
+        "self_id": backend.self_id,
+        "heartbeat_interval_ms": backend.heartbeat_interval_ms,
+        "status": backend.status.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+    });
+    v["lanes"] = serde_json::Value::Object(lanes);
+    v
+}
+
+/// `/metrics`, with how long each configured lane's state has lasted.
+fn metrics_text(state: &State) -> String {
+    let snap = state.snapshot();
+    let lasted: Vec<_> = snap
+        .configured()
+        .into_iter()
+        .map(|l| (l.as_str(), snap.lane(l).since_instant.elapsed()))
+        .collect();
+    state.metrics.render(&lasted)
 }
 
 fn route(state: &State, req: Request<Incoming>) -> Resp {
@@ -101,7 +132,7 @@ fn route(state: &State, req: Request<Incoming>) -> Resp {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => json(StatusCode::OK, serde_json::json!({"status": "live"})),
         (&Method::GET, "/ready") => {
-            let status = if state.snapshot().lane(Lane::Forward).up {
+            let status = if state.snapshot().ready() {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -112,9 +143,7 @@ fn route(state: &State, req: Request<Incoming>) -> Resp {
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state
-                .metrics
-                .render(state.snapshot().lane(Lane::Forward).since_instant.elapsed()),
+            metrics_text(state),
         ),
         (&Method::POST, "/disable") => {
             tracing::info!("admin: disable requested");

@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::Settings;
 use crate::proto::{dial, ws};
-use crate::state::{Cause, Lane, State};
+use crate::state::{Cause, Lane, ProbeKind, State};
 
 /// Passive failures ask for a probe at once, but never more often than this.
 const MIN_PROBE_GAP: Duration = Duration::from_millis(50);
@@ -36,7 +36,7 @@ pub async fn run_prober(state: Arc<State>) {
             }
         }
         last = Instant::now();
-        let (epoch, s) = state.probe_target();
+        let (epoch, s) = state.probe_target(ProbeKind::Ws);
         let result = tokio::select! {
             _ = state.drain.hard_stopped() => return,
             r = probe_once(&s) => r,
@@ -45,7 +45,7 @@ pub async fn run_prober(state: Arc<State>) {
         if let Err(e) = &result {
             tracing::debug!(error = %e, "probe failed");
         }
-        state.observe_probe(epoch, result);
+        state.observe_probe(ProbeKind::Ws, epoch, result);
     }
 }
 

@@ -73,16 +73,22 @@ impl fmt::Display for Cause {
     }
 }
 
-/// A transport lifeguard relays, with its own state. A new transport adds a variant
-/// here, its rule in [`derive`], and its entry in [`Lane::ALL`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A transport lifeguard relays, with its own state: NapCat switches each of its servers
+/// on and off separately, and each transport's health comes from its own source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Lane {
-    /// Forward WebSocket: clients connect to lifeguard, lifeguard to the backend's server.
+    /// Forward WebSocket: bots dial lifeguard, lifeguard dials the backend's server.
     Forward,
+    /// Reverse WebSocket: the backend dials lifeguard, lifeguard dials the bots.
+    Reverse,
+    /// HTTP API: bots call lifeguard, lifeguard calls the backend's HTTP server.
+    HttpApi,
+    /// HTTP POST: the backend posts events to lifeguard, lifeguard posts them to the bots.
+    HttpPost,
 }
 
 impl Lane {
-    pub const ALL: [Lane; 1] = [Lane::Forward];
+    pub const ALL: [Lane; 4] = [Lane::Forward, Lane::Reverse, Lane::HttpApi, Lane::HttpPost];
     pub const COUNT: usize = Lane::ALL.len();
 
     pub fn index(self) -> usize {
@@ -92,8 +98,39 @@ impl Lane {
     pub fn as_str(self) -> &'static str {
         match self {
             Lane::Forward => "forward",
+            Lane::Reverse => "reverse",
+            Lane::HttpApi => "http-api",
+            Lane::HttpPost => "http-post",
         }
     }
+}
+
+/// An active probe of the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    /// A WebSocket handshake on the forward server's `/api`.
+    Ws,
+    /// A `get_status` call on the HTTP API server.
+    Http,
+}
+
+impl ProbeKind {
+    pub const COUNT: usize = 2;
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Where a lane's health comes from, once the operator's intent and NapCat's config let
+/// it serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthSource {
+    /// An active probe (with passive kicks), and the account state.
+    Probe(ProbeKind),
+    /// Each connection's own (the backend dials in: socket, heartbeats, account state are
+    /// that session's business), so the lane itself follows intent only.
+    OwnConnections,
 }
 
 /// One lane's state. Immutable; a change makes a new one.
@@ -171,13 +208,15 @@ pub(super) struct Inputs {
     pub config_enabled: bool,
     /// Per lane: why NapCat's file has the matching server off (`None`: on).
     pub napcat_off: [Option<String>; Lane::COUNT],
-    /// The forward upstream moved: (who moved it, reason). Down until the first probe
-    /// of the new address answers.
-    pub retarget: Option<(Cause, String)>,
-    /// The forward WebSocket probe.
-    pub probe: ProbeCounter,
-    /// Bumped when the upstream moves: results of probes started before are stale.
-    pub probe_epoch: u64,
+    /// Where each lane's health comes from (set from the settings).
+    pub sources: [HealthSource; Lane::COUNT],
+    /// Per probe: the address it probes moved (who moved it, reason). Down until the
+    /// first probe of the new address answers.
+    pub retarget: [Option<(Cause, String)>; ProbeKind::COUNT],
+    pub probes: [ProbeCounter; ProbeKind::COUNT],
+    /// Per probe, bumped when its address moves: results of probes started before are
+    /// stale.
+    pub probe_epoch: [u64; ProbeKind::COUNT],
     /// QQ login state, as the backend last told.
     pub online: bool,
     pub offline_is_down: bool,
@@ -190,25 +229,50 @@ impl Inputs {
             admin_enabled: true,
             config_enabled,
             napcat_off: Default::default(),
-            retarget: None,
-            probe: ProbeCounter::default(),
-            probe_epoch: 0,
+            sources: default_sources(),
+            retarget: Default::default(),
+            probes: Default::default(),
+            probe_epoch: [0; ProbeKind::COUNT],
             online: true,
             offline_is_down,
         }
     }
 
-    /// The upstream moved: forget what was known of the old one.
-    pub fn retarget(&mut self, by: Cause, reason: String) {
-        self.retarget = Some((by, reason));
-        self.probe = ProbeCounter::default();
-        self.probe_epoch += 1;
+    /// The address `kind` probes moved: forget what was known of the old one.
+    pub fn retarget(&mut self, kind: ProbeKind, by: Cause, reason: String) {
+        let k = kind.index();
+        self.retarget[k] = Some((by, reason));
+        self.probes[k] = ProbeCounter::default();
+        self.probe_epoch[k] += 1;
         self.online = true;
+    }
+
+    /// A probe of the current address answered (or failed): the move is over.
+    pub fn observe_probe(
+        &mut self,
+        kind: ProbeKind,
+        result: Result<(), String>,
+        fall: u32,
+        rise: u32,
+    ) {
+        let k = kind.index();
+        self.retarget[k] = None;
+        self.probes[k].observe(result, fall, rise);
     }
 }
 
+/// Each lane's health source before the settings say otherwise.
+pub(super) fn default_sources() -> [HealthSource; Lane::COUNT] {
+    Lane::ALL.map(|lane| match lane {
+        Lane::Forward => HealthSource::Probe(ProbeKind::Ws),
+        Lane::Reverse => HealthSource::OwnConnections,
+        Lane::HttpApi => HealthSource::Probe(ProbeKind::Http),
+        Lane::HttpPost => HealthSource::Probe(ProbeKind::Ws),
+    })
+}
+
 /// The state the inputs imply for `lane`: (up, cause, reason). The operator's intent
-/// comes first, then the backend's configuration, then its health.
+/// comes first, then the backend's configuration, then the lane's health source.
 pub(super) fn derive(i: &Inputs, lane: Lane) -> (bool, Cause, String) {
     let (cause, reason) = if i.shutting_down {
         (Cause::Shutdown, "lifeguard is shutting down".to_string())
@@ -224,13 +288,25 @@ pub(super) fn derive(i: &Inputs, lane: Lane) -> (bool, Cause, String) {
         )
     } else if let Some(why) = &i.napcat_off[lane.index()] {
         (Cause::NapcatConfig, why.clone())
-    } else if let Some((by, why)) = &i.retarget {
+    } else {
+        match i.sources[lane.index()] {
+            HealthSource::Probe(kind) => probed(i, kind),
+            HealthSource::OwnConnections => (Cause::Healthy, "accepting".to_string()),
+        }
+    };
+    (cause == Cause::Healthy, cause, reason)
+}
+
+/// Health from an active probe, then the account state.
+fn probed(i: &Inputs, kind: ProbeKind) -> (Cause, String) {
+    let probe = &i.probes[kind.index()];
+    if let Some((by, why)) = &i.retarget[kind.index()] {
         (*by, why.clone())
-    } else if !i.probe.healthy {
-        if i.probe.started && !i.probe.last_error.is_empty() {
+    } else if !probe.healthy {
+        if probe.started && !probe.last_error.is_empty() {
             (
                 Cause::Unhealthy,
-                format!("backend unhealthy: {}", i.probe.last_error),
+                format!("backend unhealthy: {}", probe.last_error),
             )
         } else {
             (
@@ -245,8 +321,7 @@ pub(super) fn derive(i: &Inputs, lane: Lane) -> (bool, Cause, String) {
         )
     } else {
         (Cause::Healthy, "backend healthy".to_string())
-    };
-    (cause == Cause::Healthy, cause, reason)
+    }
 }
 
 #[cfg(test)]
@@ -262,23 +337,23 @@ mod tests {
     fn rise_and_fall() {
         let mut i = Inputs::new(true, true);
         assert_eq!(up(&i), (false, Cause::Starting));
-        i.probe.observe(Ok(()), 2, 2);
+        i.observe_probe(ProbeKind::Ws, Ok(()), 2, 2);
         assert!(up(&i).0, "one success is enough at start");
-        i.probe.observe(Err("refused".into()), 2, 2);
+        i.observe_probe(ProbeKind::Ws, Err("refused".into()), 2, 2);
         assert!(up(&i).0);
-        i.probe.observe(Err("refused".into()), 2, 2);
+        i.observe_probe(ProbeKind::Ws, Err("refused".into()), 2, 2);
         assert_eq!(up(&i), (false, Cause::Unhealthy));
         assert!(derive(&i, Lane::Forward).2.contains("refused"));
-        i.probe.observe(Ok(()), 2, 2);
+        i.observe_probe(ProbeKind::Ws, Ok(()), 2, 2);
         assert!(!up(&i).0);
-        i.probe.observe(Ok(()), 2, 2);
+        i.observe_probe(ProbeKind::Ws, Ok(()), 2, 2);
         assert!(up(&i).0);
     }
 
     #[test]
     fn operator_intent_wins() {
         let mut i = Inputs::new(true, true);
-        i.probe.observe(Ok(()), 2, 2);
+        i.observe_probe(ProbeKind::Ws, Ok(()), 2, 2);
         i.admin_enabled = false;
         i.online = false;
         let (up_, cause, _) = derive(&i, Lane::Forward);
@@ -297,12 +372,41 @@ mod tests {
     #[test]
     fn a_moved_upstream_is_down_until_its_first_probe() {
         let mut i = Inputs::new(true, true);
-        i.probe.observe(Ok(()), 2, 2);
-        i.retarget(Cause::NapcatConfig, "moved".into());
+        i.observe_probe(ProbeKind::Ws, Ok(()), 2, 2);
+        i.retarget(ProbeKind::Ws, Cause::NapcatConfig, "moved".into());
         assert_eq!(up(&i), (false, Cause::NapcatConfig));
         assert_eq!(derive(&i, Lane::Forward).2, "moved");
-        i.retarget = None; // what the first probe of the new address does
-        i.probe.observe(Ok(()), 2, 2);
+        i.observe_probe(ProbeKind::Ws, Ok(()), 2, 2);
         assert!(up(&i).0, "one success is enough for a new address");
+    }
+
+    #[test]
+    fn each_lane_follows_its_own_source_and_napcat_switch() {
+        let mut i = Inputs::new(true, true);
+        let state = |i: &Inputs, l| {
+            let (up, cause, _) = derive(i, l);
+            (up, cause)
+        };
+        // Probed by nothing yet: the backend dialling in is all the reverse lane needs.
+        assert_eq!(state(&i, Lane::Forward), (false, Cause::Starting));
+        assert_eq!(state(&i, Lane::Reverse), (true, Cause::Healthy));
+        i.observe_probe(ProbeKind::Ws, Ok(()), 2, 2);
+        i.online = false;
+        assert_eq!(state(&i, Lane::Forward), (false, Cause::Offline));
+        assert_eq!(
+            state(&i, Lane::HttpApi),
+            (false, Cause::Starting),
+            "its own probe"
+        );
+        assert!(
+            state(&i, Lane::Reverse).0,
+            "offline is each reverse backend's own"
+        );
+        i.napcat_off[Lane::Reverse.index()] = Some("switched off".into());
+        assert_eq!(state(&i, Lane::Reverse), (false, Cause::NapcatConfig));
+        i.admin_enabled = false;
+        for lane in Lane::ALL {
+            assert_eq!(state(&i, lane), (false, Cause::Admin), "{lane:?}");
+        }
     }
 }

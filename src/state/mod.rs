@@ -25,7 +25,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 
 pub use drain::Drain;
-pub use gate::{Cause, Health, Lane};
+pub use gate::{Cause, Health, HealthSource, Lane, ProbeKind};
 pub use sessions::{SessionGuard, SessionSet, SweepTicket};
 pub use settings::{Origin, Overlay};
 
@@ -40,6 +40,43 @@ impl Snapshot {
     pub fn lane(&self, lane: Lane) -> &Arc<Health> {
         &self.lanes[lane.index()]
     }
+
+    /// The lanes the settings configure, in order.
+    pub fn configured(&self) -> Vec<Lane> {
+        configured_lanes(&self.settings)
+    }
+
+    /// Ready: every configured lane is up.
+    pub fn ready(&self) -> bool {
+        self.configured().iter().all(|l| self.lane(*l).up)
+    }
+
+    /// The lane that speaks for the whole: the first configured lane that is down, else
+    /// the first configured one.
+    pub fn summary(&self) -> (Lane, &Arc<Health>) {
+        let lanes = self.configured();
+        let lane = lanes
+            .iter()
+            .copied()
+            .find(|l| !self.lane(*l).up)
+            .or_else(|| lanes.first().copied())
+            .unwrap_or(Lane::Forward);
+        (lane, self.lane(lane))
+    }
+}
+
+/// The lanes `s` configures: a transport is on when its settings are given.
+pub fn configured_lanes(s: &Settings) -> Vec<Lane> {
+    let mut lanes = Vec::new();
+    if s.upstream.is_some() {
+        lanes.push(Lane::Forward);
+    }
+    lanes
+}
+
+/// Where each lane's health comes from under `s`.
+fn health_sources(_s: &Settings) -> [HealthSource; Lane::COUNT] {
+    gate::default_sources()
 }
 
 /// What the backend last told about itself (from its own events).
@@ -89,7 +126,8 @@ pub struct State {
 
 impl State {
     pub fn new(settings: Settings) -> Arc<State> {
-        let inputs = gate::Inputs::new(settings.enabled, settings.offline_is_down);
+        let mut inputs = gate::Inputs::new(settings.enabled, settings.offline_is_down);
+        inputs.sources = health_sources(&settings);
         let layers = settings::Layers::new(settings);
         let lanes = Lane::ALL.map(|l| Health::starting_now(gate::derive(&inputs, l), 0));
         let snap = Arc::new(Snapshot {
@@ -97,7 +135,9 @@ impl State {
             settings: layers.effective().clone(),
         });
         let metrics = Arc::new(Metrics::new());
-        metrics.set_up(snap.lane(Lane::Forward).up);
+        for lane in snap.configured() {
+            metrics.lane_configured(lane.as_str(), snap.lane(lane).up, &lane_roles(lane));
+        }
         let (tx, _) = watch::channel(snap.clone());
         Arc::new(State {
             core: Mutex::new(Core { inputs, layers }),
@@ -177,22 +217,24 @@ impl State {
         });
     }
 
-    /// The probe epoch and the settings a probe should use now.
-    pub fn probe_target(&self) -> (u64, Arc<Settings>) {
+    /// The epoch of probe `kind` and the settings it should use now.
+    pub fn probe_target(&self, kind: ProbeKind) -> (u64, Arc<Settings>) {
         let core = self.lock();
-        (core.inputs.probe_epoch, core.layers.effective().clone())
+        (
+            core.inputs.probe_epoch[kind.index()],
+            core.layers.effective().clone(),
+        )
     }
 
-    /// A probe's outcome. Ignored when the upstream moved since the probe started.
-    pub fn observe_probe(&self, epoch: u64, result: Result<(), String>) {
+    /// A probe's outcome. Ignored when its address moved since the probe started.
+    pub fn observe_probe(&self, kind: ProbeKind, epoch: u64, result: Result<(), String>) {
         self.update(|c| {
-            if c.inputs.probe_epoch != epoch {
+            if c.inputs.probe_epoch[kind.index()] != epoch {
                 return;
             }
             let s = c.layers.effective();
             let (fall, rise) = (s.fall, s.rise);
-            c.inputs.retarget = None;
-            c.inputs.probe.observe(result, fall, rise);
+            c.inputs.observe_probe(kind, result, fall, rise);
         });
     }
 
@@ -284,8 +326,9 @@ impl State {
                         ),
                     ),
                 };
-                c.inputs.retarget(by, reason);
+                c.inputs.retarget(ProbeKind::Ws, by, reason);
             }
+            c.inputs.sources = health_sources(&after);
             c.inputs.config_enabled = after.enabled;
             c.inputs.offline_is_down = after.offline_is_down;
             change = Some(SettingsChange {
@@ -313,6 +356,9 @@ impl State {
             self.publish(&core)
         };
         for t in transitions {
+            if !configured_lanes(&self.settings()).contains(&t.lane) {
+                continue;
+            }
             tracing::info!(
                 lane = t.lane.as_str(),
                 state = if t.to.up { "up" } else { "down" },
@@ -366,8 +412,23 @@ impl State {
         if !went_down.is_empty() {
             self.sessions.begin_sweep(&went_down);
         }
+        let configured = configured_lanes(settings);
         for t in &transitions {
-            self.metrics.transition(t.to.up, t.to.cause.as_str());
+            if configured.contains(&t.lane) {
+                self.metrics
+                    .transition(t.lane.as_str(), t.to.up, t.to.cause.as_str());
+            }
+        }
+        if !Arc::ptr_eq(settings, &old.settings) {
+            for lane in configured {
+                if !configured_lanes(&old.settings).contains(&lane) {
+                    self.metrics.lane_configured(
+                        lane.as_str(),
+                        lanes[lane.index()].up,
+                        &lane_roles(lane),
+                    );
+                }
+            }
         }
         let snap = Arc::new(Snapshot {
             lanes,
@@ -376,6 +437,15 @@ impl State {
         self.snapshot.store(snap.clone());
         self.tx.send_replace(snap);
         transitions
+    }
+}
+
+/// The path roles a lane's sessions can have, for their metric series.
+fn lane_roles(lane: Lane) -> Vec<crate::proto::onebot::Role> {
+    use crate::proto::onebot::Role;
+    match lane {
+        Lane::Forward => vec![Role::Api, Role::Event, Role::Universal],
+        Lane::Reverse | Lane::HttpApi | Lane::HttpPost => vec![],
     }
 }
 

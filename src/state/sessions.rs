@@ -42,7 +42,7 @@ impl SessionSet {
     /// Count a new session in; the guard counts it out.
     pub fn open(self: &Arc<Self>, lane: Lane, role: Role) -> SessionGuard {
         self.open[lane.index()][role_index(role)].fetch_add(1, Ordering::Relaxed);
-        self.metrics.session_opened(role);
+        self.metrics.session_opened(lane.as_str(), role);
         SessionGuard {
             set: self.clone(),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -146,7 +146,9 @@ impl SessionGuard {
     pub fn close(mut self, cause: &str, code: Option<u16>) {
         self.closed = true;
         self.count_out();
-        self.set.metrics.session_closed(self.role, cause, code);
+        self.set
+            .metrics
+            .session_closed(self.lane.as_str(), self.role, cause, code);
     }
 
     fn count_out(&self) {
@@ -159,7 +161,9 @@ impl Drop for SessionGuard {
         if !self.closed {
             // Never relayed (the client left during the upgrade, or a hard stop).
             self.count_out();
-            self.set.metrics.session_aborted(self.role);
+            self.set
+                .metrics
+                .session_aborted(self.lane.as_str(), self.role);
         }
     }
 }

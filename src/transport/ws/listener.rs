@@ -71,7 +71,9 @@ async fn answer(
     mut req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
     let resp = handshake(&state, peer, &mut req).await;
-    state.metrics.handshake(resp.status().as_u16());
+    state
+        .metrics
+        .handshake(Lane::Forward.as_str(), resp.status().as_u16());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         tracing::debug!(%peer, path = req.uri().path(), status = resp.status().as_u16(), "handshake refused");
     }
