@@ -34,6 +34,8 @@ pub use settings::{Origin, Overlay};
 pub struct Snapshot {
     pub lanes: [Arc<Health>; Lane::COUNT],
     pub settings: Arc<Settings>,
+    /// The drain budget is spent: every session ends now, without its end sequence.
+    pub hard_stop: bool,
 }
 
 impl Snapshot {
@@ -110,6 +112,8 @@ pub struct SettingsChange {
 struct Core {
     inputs: gate::Inputs,
     layers: settings::Layers,
+    /// Published to sessions so that they need no watch of their own for it.
+    hard_stop: bool,
 }
 
 pub struct State {
@@ -133,6 +137,7 @@ impl State {
         let snap = Arc::new(Snapshot {
             lanes,
             settings: layers.effective().clone(),
+            hard_stop: false,
         });
         let metrics = Arc::new(Metrics::new());
         for lane in snap.configured() {
@@ -140,7 +145,11 @@ impl State {
         }
         let (tx, _) = watch::channel(snap.clone());
         Arc::new(State {
-            core: Mutex::new(Core { inputs, layers }),
+            core: Mutex::new(Core {
+                inputs,
+                layers,
+                hard_stop: false,
+            }),
             snapshot: ArcSwap::new(snap),
             tx,
             probe_now: Notify::new(),
@@ -295,7 +304,14 @@ impl State {
             budget_ms = budget.as_millis() as u64,
             "shutting down"
         );
-        let drained = self.drain.shutdown(budget, || self.begin_shutdown()).await;
+        let drained = self
+            .drain
+            .shutdown(
+                budget,
+                || self.begin_shutdown(),
+                || self.update(|c| c.hard_stop = true),
+            )
+            .await;
         tracing::info!(drained, "stopped");
         drained
     }
@@ -399,7 +415,7 @@ impl State {
         }
         let settings = core.layers.effective();
         let same_lanes = lanes.iter().zip(&old.lanes).all(|(a, b)| Arc::ptr_eq(a, b));
-        if same_lanes && Arc::ptr_eq(settings, &old.settings) {
+        if same_lanes && Arc::ptr_eq(settings, &old.settings) && core.hard_stop == old.hard_stop {
             return transitions;
         }
         // Prepared before any session hears of it: every session of a lane that just went
@@ -433,6 +449,7 @@ impl State {
         let snap = Arc::new(Snapshot {
             lanes,
             settings: settings.clone(),
+            hard_stop: core.hard_stop,
         });
         self.snapshot.store(snap.clone());
         self.tx.send_replace(snap);
