@@ -208,13 +208,17 @@ impl State {
         self.change_settings(Origin::Config, |c| c.layers.set_base(base))
     }
 
-    /// NapCat's file: what it says about the upstream, and whether the server that
-    /// `lane` relays is on (`off`: why not). One publication, so a file that switches a
-    /// server off and moves it is one transition.
-    pub fn set_napcat(&self, lane: Lane, overlay: Overlay, off: Option<String>) -> SettingsChange {
+    /// NapCat's file: what it says about the upstream, and, per lane, whether the server
+    /// it relays is on (`off[lane]`: why not). One publication, so a file that switches a
+    /// server off and moves another is one change.
+    pub fn set_napcat(
+        &self,
+        overlay: Overlay,
+        off: [Option<String>; Lane::COUNT],
+    ) -> SettingsChange {
         self.change_settings(Origin::Napcat, |c| {
             c.layers.set_napcat(overlay);
-            c.inputs.napcat_off[lane.index()] = off;
+            c.inputs.napcat_off = off;
         })
     }
 
