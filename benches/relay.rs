@@ -112,7 +112,7 @@ struct RunArgs {
     /// Measured API calls, 1 connection [20000; quick 500].
     #[arg(long)]
     calls_1: Option<usize>,
-    /// Measured API calls per connection, 64 connections [500; quick 20].
+    /// Measured API calls per connection, 64 connections [1000; quick 20].
     #[arg(long)]
     calls_64: Option<usize>,
     /// Upper bound for any single wait, seconds.
@@ -435,7 +435,7 @@ async fn run_mode(a: RunArgs) -> Res<()> {
     }
     if has("rtt") {
         let c1 = a.calls_1.unwrap_or(if q { 500 } else { 20_000 });
-        let c64 = a.calls_64.unwrap_or(if q { 20 } else { 500 });
+        let c64 = a.calls_64.unwrap_or(if q { 20 } else { 1000 });
         round_trip(&mut cx, 1, c1, "1").await?;
         round_trip(&mut cx, 64, c64, "64").await?;
     }

@@ -19,6 +19,7 @@
 # table in DIR/table.md (also printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ARGS="$*"
 
 QUICK=0
 REPS=""
@@ -247,6 +248,7 @@ read -r -a TLIST <<<"$TARGETS"
 N=${#TLIST[@]}
 FAILED=0
 START=$(date +%s)
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for rep in $(seq "$REPS"); do
   for i in $(seq 0 $((N - 1))); do
     t=${TLIST[$(((i + rep - 1) % N))]}
@@ -266,7 +268,8 @@ echo "run.sh: $REPS repetition(s) of [$TARGETS] in $(($(date +%s) - START)) s; $
 "$RELAY" report --input "$RESULTS" --markdown "$OUT/table.md"
 {
   echo
-  echo "command: benches/run.sh $([ "$QUICK" = 1 ] && echo --quick) (reps $REPS)"
+  echo "command: ${BENCH_SCENARIOS:+BENCH_SCENARIOS=$BENCH_SCENARIOS }benches/run.sh $ARGS (reps $REPS; targets$TARGETS)"
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)'); load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r)"
   echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2 || true); haproxy: $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f3 || true)"
 } | tee -a "$OUT/table.md"
