@@ -269,7 +269,7 @@ echo "run.sh: $REPS repetition(s) of [$TARGETS] in $(($(date +%s) - START)) s; $
 {
   echo
   echo "command: ${BENCH_SCENARIOS:+BENCH_SCENARIOS=$BENCH_SCENARIOS }benches/run.sh $ARGS (reps $REPS; targets$TARGETS)"
-  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)'); load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- benches 2>/dev/null || echo ' (benches/ modified)'); load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r)"
   echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2 || true); haproxy: $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f3 || true)"
 } | tee -a "$OUT/table.md"
