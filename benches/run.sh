@@ -6,14 +6,20 @@
 #                                  nginx/haproxy only if already installed)
 #   options: --reps N  --targets "direct lifeguard nginx haproxy floor"  --no-install
 #            --release (quick run with release builds)  --out DIR (default target/bench)
+#   env:     BENCH_SCENARIOS=idle,tput,rtt,disable,detect (any subset)
+#            BENCH_LIFEGUARD=/path/to/lifeguard (A/B runs of another build)
 #
 # `floor` is a reference, not a competitor: the relay bench binary copying bytes both ways
 # (tokio copy_bidirectional, 64 KiB buffers), the cost of one user-space hop and nothing else.
+# nginx and haproxy relay with 64 KiB buffers, like lifeguard and floor (see BENCHMARKS.md,
+# "The HAProxy anchor"); `nginx-4k` and `haproxy-16k` (not in the default list) are the same
+# proxies with their default buffer sizes, the configuration of earlier runs.
 # Everything listens on 127.0.0.1 only. One simulator process (lifeguard::sim, driven by the
 # `relay` bench binary) is the upstream of every target. Results: DIR/results.jsonl and the
 # table in DIR/table.md (also printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ARGS="$*"
 
 QUICK=0
 REPS=""
@@ -30,7 +36,7 @@ while [ $# -gt 0 ]; do
     --no-install) INSTALL=0 ;;
     --release) RELEASE=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 64 ;;
   esac
   shift
@@ -79,8 +85,8 @@ export PATH="$PATH:/usr/sbin:/sbin"
 avail=""
 for t in $TARGETS; do
   case "$t" in
-    nginx|haproxy)
-      if command -v "$t" >/dev/null; then avail="$avail $t"; else echo "run.sh: $t not installed, skipped" >&2; fi ;;
+    nginx|haproxy|nginx-4k|haproxy-16k)
+      if command -v "${t%-*}" >/dev/null; then avail="$avail $t"; else echo "run.sh: ${t%-*} not installed, $t skipped" >&2; fi ;;
     *) avail="$avail $t" ;;
   esac
 done
@@ -134,22 +140,34 @@ wait_port() { # port: until it accepts a TCP connection, at most 10 s
 SIM_PID=$!
 wait_port "$CTL_PORT"
 
-mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
 # worker_processes 2 (one per core); HAProxy nbthread 2; lifeguard: tokio's default of one
-# worker thread per core (2). Plain WebSocket tunnels, otherwise defaults.
-cat >"$WORK/nginx/nginx.conf" <<EOF
+# worker thread per core (2). Plain WebSocket tunnels, no logging, and every relay reads up to
+# 64 KiB per call, as lifeguard (one 64 KiB read buffer per worker thread) and floor do:
+# - nginx: proxy_buffer_size 64k is the buffer of the upstream-to-client direction of an
+#   upgraded connection (default: one page, 4 KiB = 9-10 message events per read). It is
+#   allocated per connection; only pages that data touched count in RSS. proxy_buffers and
+#   proxy_busy_buffers_size only satisfy nginx's check that they fit around it (a tunnel
+#   does not use them).
+# - HAProxy: tune.bufsize 65536 (default 16384 = 38 message events per read). Buffers come
+#   from a pool and are held only while data is in flight, so idle sessions cost the same.
+#   `mode http`, because routing the upgrade needs the HTTP layer; once upgraded the session
+#   is a tunnel (`timeout tunnel`), and `mode tcp` measured the same CPU per event.
+nginx_conf() { # dir extra_lines: an nginx prefix directory with its nginx.conf
+  local d=$1
+  mkdir -p "$d/logs" "$d/tmp"
+  cat >"$d/nginx.conf" <<EOF
 worker_processes 2;
 worker_rlimit_nofile 20000;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/logs/error.log error;
+pid $d/nginx.pid;
+error_log $d/logs/error.log error;
 events { worker_connections 19000; }
 http {
   access_log off;
-  client_body_temp_path $WORK/nginx/tmp/body;
-  proxy_temp_path $WORK/nginx/tmp/proxy;
-  fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
-  uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
-  scgi_temp_path $WORK/nginx/tmp/scgi;
+  client_body_temp_path $d/tmp/body;
+  proxy_temp_path $d/tmp/proxy;
+  fastcgi_temp_path $d/tmp/fastcgi;
+  uwsgi_temp_path $d/tmp/uwsgi;
+  scgi_temp_path $d/tmp/scgi;
   upstream sim { server 127.0.0.1:$SIM_PORT; }
   server {
     listen 127.0.0.1:$NGINX_PORT backlog=4096;
@@ -160,14 +178,22 @@ http {
       proxy_set_header Connection "upgrade";
       proxy_read_timeout 1h;
       proxy_send_timeout 1h;
+$2
     }
   }
 }
 EOF
-cat >"$WORK/haproxy.cfg" <<EOF
+}
+nginx_conf "$WORK/nginx" "      proxy_buffer_size 64k;
+      proxy_buffers 4 64k;
+      proxy_busy_buffers_size 128k;"
+nginx_conf "$WORK/nginx-4k" ""
+haproxy_cfg() { # file extra_global_lines
+  cat >"$1" <<EOF
 global
   maxconn 9600
   nbthread 2
+$2
 defaults
   mode http
   timeout connect 5s
@@ -180,6 +206,9 @@ frontend fe
 backend sim
   server sim 127.0.0.1:$SIM_PORT
 EOF
+}
+haproxy_cfg "$WORK/haproxy.cfg" "  tune.bufsize 65536"
+haproxy_cfg "$WORK/haproxy-16k.cfg" ""
 
 start_target() { # name: sets URL, PIDS, ADMIN_ARG, TARGET_PID
   ADMIN_ARG=()
@@ -193,15 +222,15 @@ start_target() { # name: sets URL, PIDS, ADMIN_ARG, TARGET_PID
       wait_port "$LG_PORT"
       URL="ws://127.0.0.1:$LG_PORT"; PIDS=$TARGET_PID
       ADMIN_ARG=(--admin "127.0.0.1:$LG_ADMIN") ;;
-    nginx)
-      nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+    nginx|nginx-4k)
+      nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" -g 'daemon off;' &
       TARGET_PID=$!
       wait_port "$NGINX_PORT"
       sleep 0.2
       URL="ws://127.0.0.1:$NGINX_PORT"
       PIDS=$(echo "$TARGET_PID" $(pgrep -P "$TARGET_PID") | tr ' ' ',') ;;
-    haproxy)
-      haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+    haproxy|haproxy-16k)
+      haproxy -db -f "$WORK/$1.cfg" >"$WORK/$1.log" 2>&1 &
       TARGET_PID=$!
       wait_port "$HAP_PORT"
       URL="ws://127.0.0.1:$HAP_PORT"; PIDS=$TARGET_PID ;;
@@ -219,6 +248,7 @@ read -r -a TLIST <<<"$TARGETS"
 N=${#TLIST[@]}
 FAILED=0
 START=$(date +%s)
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for rep in $(seq "$REPS"); do
   for i in $(seq 0 $((N - 1))); do
     t=${TLIST[$(((i + rep - 1) % N))]}
@@ -238,7 +268,8 @@ echo "run.sh: $REPS repetition(s) of [$TARGETS] in $(($(date +%s) - START)) s; $
 "$RELAY" report --input "$RESULTS" --markdown "$OUT/table.md"
 {
   echo
-  echo "command: benches/run.sh $([ "$QUICK" = 1 ] && echo --quick) (reps $REPS)"
+  echo "command: ${BENCH_SCENARIOS:+BENCH_SCENARIOS=$BENCH_SCENARIOS }benches/run.sh $ARGS (reps $REPS; targets$TARGETS)"
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- benches 2>/dev/null || echo ' (benches/ modified)'); load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r)"
   echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2 || true); haproxy: $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f3 || true)"
 } | tee -a "$OUT/table.md"
