@@ -1,5 +1,6 @@
-//! One "WebSocket server" of the simulated NapCat: the listening socket, its accept loop,
-//! its heartbeat timer and the clients attached to it.
+//! NapCat's forward WebSocket server (`websocketServers`): the listening socket, its accept
+//! loop, its heartbeat timer, the clients attached to it, and each connection's handshake
+//! with NapCat's token check.
 //!
 //! NapCat 3.1.10 creates a new server object on every re-enable; connections of the old one
 //! are orphaned (still open, never attached to the new one). The simulator models that by
@@ -8,29 +9,22 @@
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::mpsc::UnboundedSender;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use super::{conn, frames, Shared};
-
-/// What a connection task is asked to write (or do) next, in order.
-#[derive(Debug)]
-pub(crate) enum Out {
-    /// One text frame (an event, a heartbeat); flushed with whatever else is queued.
-    Frame(Utf8Bytes),
-    /// Many text frames fed in a row (from `blast`).
-    Batch(Arc<[Utf8Bytes]>),
-    /// Flush, then signal: everything queued before it is in the socket.
-    Barrier(tokio::sync::oneshot::Sender<()>),
-    /// NapCat >= 3.1.11 disable: send a Close frame with no status code and finish.
-    CloseNoCode,
-}
+use super::api::Flavor;
+use super::frames;
+use super::process::{lock, Shared};
+use super::query;
+use super::session::{self, Out, Role};
 
 /// A connection attached to a server.
 #[derive(Debug)]
@@ -54,23 +48,6 @@ pub(crate) struct Server {
     listener: Mutex<Option<TcpListener>>,
     /// Connections attached to this server (API and event ones).
     clients: Mutex<Vec<Client>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Bind `addr` with SO_REUSEADDR (as Node does), so that re-enabling on the same port works
-/// while old connections on it are still open or in TIME_WAIT.
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
 }
 
 impl Server {
@@ -175,7 +152,7 @@ async fn accept_loop(shared: Arc<Shared>, server: Arc<Server>, process: Cancella
             None => break,
             Some(Ok((tcp, _peer))) => {
                 let _ = tcp.set_nodelay(true);
-                shared.tracker.spawn(conn::serve(
+                shared.tracker.spawn(serve(
                     Arc::clone(&shared),
                     Arc::clone(&server),
                     tcp,
@@ -218,12 +195,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, server: Arc<Server>) {
                 }
                 _ = ticker.tick() => {
                     if !shared.is_hung() {
-                        let frame = frames::heartbeat(
-                            shared.self_id,
-                            shared.online.load(std::sync::atomic::Ordering::Relaxed),
-                            millis(period),
-                        );
-                        server.broadcast(&Utf8Bytes::from(frame));
+                        server.broadcast(&Utf8Bytes::from(shared.heartbeat_frame(period)));
                     }
                 }
             }
@@ -231,7 +203,137 @@ async fn heartbeat_loop(shared: Arc<Shared>, server: Arc<Server>) {
     }
 }
 
-/// A duration in whole milliseconds, saturating.
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+/// What the handshake callback learned about the request.
+struct Upgrade {
+    /// Request path, query stripped.
+    path: String,
+    /// Token check passed (or no token configured).
+    authorized: bool,
+}
+
+/// Serve one TCP connection from accept to close.
+// The handshake callback's error type is fixed by tungstenite.
+#[allow(clippy::result_large_err)]
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    server: Arc<Server>,
+    tcp: TcpStream,
+    process: CancellationToken,
+) {
+    let handshake = async {
+        // A hung process never answers the HTTP upgrade; the TCP connect itself succeeded.
+        shared.wait_unhung().await;
+        let mut upgrade = None;
+        let ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, resp: Response| {
+            upgrade = Some(inspect(&shared, req));
+            Ok::<Response, ErrorResponse>(resp)
+        })
+        .await
+        .ok()?;
+        Some((ws, upgrade?))
+    };
+    let (ws, upgrade) = tokio::select! {
+        _ = server.stop.cancelled() => return,
+        done = handshake => match done {
+            Some(done) => done,
+            None => return,
+        },
+    };
+    shared.count_handshake(&upgrade.path);
+    let _open = OpenGuard::new(&shared);
+    // kill(): drop the socket mid-whatever, no Close frame.
+    tokio::select! {
+        _ = process.cancelled() => {}
+        _ = attached(&shared, &server, ws, upgrade) => {}
+    }
+}
+
+/// Read the path and check the token like NapCat: a non-empty `access_token` query
+/// parameter wins, else the `Authorization` header after its last `Bearer `.
+fn inspect(shared: &Shared, req: &Request) -> Upgrade {
+    let path = req.uri().path().to_owned();
+    let authorized = match shared.token.as_deref() {
+        None | Some("") => true,
+        Some(token) => {
+            let query = req
+                .uri()
+                .query()
+                .and_then(|q| query::param(q, "access_token"))
+                .filter(|t| !t.is_empty());
+            let presented = match query {
+                Some(t) => t,
+                None => req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.rsplit("Bearer ").next())
+                    .unwrap_or("")
+                    .to_owned(),
+            };
+            presented == token
+        }
+    };
+    Upgrade { path, authorized }
+}
+
+/// Counts the connection in `open_connections()` while alive.
+struct OpenGuard<'a>(&'a Shared);
+
+impl<'a> OpenGuard<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(shared)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Detaches the connection from its server when the session ends.
+struct Attached<'a> {
+    server: &'a Server,
+    id: u64,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.server.detach(self.id);
+    }
+}
+
+/// An established connection: check the token, attach to the server, serve.
+async fn attached(shared: &Shared, server: &Server, mut ws: session::Ws, upgrade: Upgrade) {
+    if !upgrade.authorized {
+        let _ = futures_util::SinkExt::feed(&mut ws, Message::text(frames::AUTH_FAILED)).await;
+        session::close_no_code(&mut ws, None).await;
+        return;
+    }
+    let path = upgrade.path.as_str();
+    let events = path != "/api" && path != "/api/";
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if events {
+        // Queued before attaching: the connect event is always the first frame.
+        let connect = frames::lifecycle(shared.self_id, "connect");
+        let _ = tx.send(Out::Frame(Utf8Bytes::from(connect)));
+    }
+    let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    // The session keeps a sender so its queue stays open after the server forgets it
+    // (NapCat 3.1.10's orphans keep answering API calls).
+    if !server.attach(Client {
+        id,
+        events,
+        tx: tx.clone(),
+    }) {
+        session::close_no_code(&mut ws, None).await;
+        return;
+    }
+    let _attached = Attached { server, id };
+    let role = Role {
+        api: Some(Flavor::ForwardWs),
+        observe: None,
+    };
+    session::run(shared, &mut ws, &mut rx, role).await;
 }
