@@ -6,13 +6,8 @@
 //! are orphaned (still open, never attached to the new one). The simulator models that by
 //! giving each enable its own [`Server`] and keeping connections independent of it.
 
-use std::future::poll_fn;
-use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{self, UnboundedSender};
@@ -22,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::api::Flavor;
 use super::frames;
-use super::process::{lock, Shared};
+use super::process::{lock, Listener, Shared};
 use super::query;
 use super::session::{self, Out, Role};
 
@@ -40,12 +35,9 @@ pub(crate) struct Client {
 /// One enabled period of the forward WebSocket server.
 #[derive(Debug)]
 pub(crate) struct Server {
-    /// Cancelled on disable/kill/shutdown: ends the accept loop, the heartbeat timer and
-    /// handshakes still in progress (not the established connections).
-    pub(crate) stop: CancellationToken,
-    /// The listening socket; taken (and so closed, synchronously) on disable and kill, so
-    /// that a connect right after `disable_*()` returns is refused.
-    listener: Mutex<Option<TcpListener>>,
+    /// The listening socket. Closing it (disable, kill, shutdown) also ends the heartbeat
+    /// timer and handshakes still in progress, not the established connections.
+    listener: Listener,
     /// Connections attached to this server (API and event ones).
     clients: Mutex<Vec<Client>>,
 }
@@ -59,8 +51,7 @@ impl Server {
         process: &CancellationToken,
     ) -> Arc<Server> {
         let server = Arc::new(Server {
-            stop: process.child_token(),
-            listener: Mutex::new(Some(listener)),
+            listener: Listener::new(listener, process),
             clients: Mutex::new(Vec::new()),
         });
         shared.tracker.spawn(accept_loop(
@@ -76,15 +67,14 @@ impl Server {
 
     /// Stop listening now: close the socket and end the accept loop and heartbeat timer.
     pub(crate) fn stop_listening(&self) {
-        self.stop.cancel();
-        drop(lock(&self.listener).take());
+        self.listener.close();
     }
 
     /// Attach a connection. False if the server was stopped meanwhile (NapCat closes
     /// connections that complete while it is disabled).
     pub(crate) fn attach(&self, client: Client) -> bool {
         let mut clients = lock(&self.clients);
-        if self.stop.is_cancelled() {
+        if self.listener.stop.is_cancelled() {
             return false;
         }
         clients.push(client);
@@ -130,45 +120,18 @@ impl Server {
             let _ = c.tx.send(Out::CloseNoCode);
         }
     }
-
-    /// Accept the next TCP connection, or `None` once the listener was taken.
-    async fn accept(&self) -> Option<io::Result<(TcpStream, SocketAddr)>> {
-        poll_fn(|cx| match lock(&self.listener).as_ref() {
-            Some(listener) => listener.poll_accept(cx).map(Some),
-            None => Poll::Ready(None),
-        })
-        .await
-    }
 }
 
 /// Accept TCP connections until the server stops; each one gets its own task.
 async fn accept_loop(shared: Arc<Shared>, server: Arc<Server>, process: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            _ = server.stop.cancelled() => break,
-            accepted = server.accept() => accepted,
-        };
-        match accepted {
-            None => break,
-            Some(Ok((tcp, _peer))) => {
-                let _ = tcp.set_nodelay(true);
-                shared.tracker.spawn(serve(
-                    Arc::clone(&shared),
-                    Arc::clone(&server),
-                    tcp,
-                    process.clone(),
-                ));
-            }
-            // EMFILE and friends: back off instead of spinning.
-            Some(Err(_)) => {
-                tokio::select! {
-                    _ = server.stop.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
-        }
+    while let Some(tcp) = server.listener.accept().await {
+        shared.tracker.spawn(serve(
+            Arc::clone(&shared),
+            Arc::clone(&server),
+            tcp,
+            process.clone(),
+        ));
     }
-    drop(lock(&server.listener).take());
 }
 
 /// The server's heartbeat timer: one per server, restarted when the interval changes.
@@ -178,7 +141,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, server: Arc<Server>) {
         let period = (*interval_rx.borrow_and_update()).filter(|d| !d.is_zero());
         let Some(period) = period else {
             tokio::select! {
-                _ = server.stop.cancelled() => return,
+                _ = server.listener.stop.cancelled() => return,
                 changed = interval_rx.changed() => if changed.is_err() { return },
             }
             continue;
@@ -188,7 +151,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, server: Arc<Server>) {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = server.stop.cancelled() => return,
+                _ = server.listener.stop.cancelled() => return,
                 changed = interval_rx.changed() => {
                     if changed.is_err() { return }
                     break;
@@ -233,7 +196,7 @@ pub(crate) async fn serve(
         Some((ws, upgrade?))
     };
     let (ws, upgrade) = tokio::select! {
-        _ = server.stop.cancelled() => return,
+        _ = server.listener.stop.cancelled() => return,
         done = handshake => match done {
             Some(done) => done,
             None => return,

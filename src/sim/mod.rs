@@ -1,18 +1,27 @@
-//! NapCat simulator: a fake OneBot v11 forward-WebSocket backend that behaves like NapCatQQ,
-//! including its failure modes.
+//! NapCat simulator: one fake NapCatQQ process (OneBot v11) with NapCat's network entries
+//! and failure modes.
 //!
 //! It is the one backend the project uses for the proxy's integration tests, the benchmarks
-//! and `lifeguard demo`. What it does, as NapCat does it:
+//! and `lifeguard demo`. Like NapCat's `network` config, one process has several entries,
+//! and every event ([`NapSim::emit`], [`NapSim::emit_message`], [`NapSim::kick`],
+//! heartbeats) goes to each enabled one; API calls get the same answers on every transport:
 //!
-//! - `/api` and `/api/` (query ignored) are API-only; every other path is universal: the
-//!   lifecycle `connect` event first, then events and heartbeats, and API calls answered.
-//! - One heartbeat timer per server, sent to event clients only.
-//! - API replies carry the request's `echo` byte for byte (any JSON type).
-//! - A wrong or missing token does not fail the upgrade: a retcode 1403 frame, then a Close
-//!   frame without a code.
-//! - Failure modes: [`NapSim::disable_3110`] (orphaned sockets), [`NapSim::disable_v4`]
-//!   (Close without a code), [`NapSim::kill`] (no Close at all), [`NapSim::hang`] (nothing
-//!   moves, handshakes never finish).
+//! - the forward WebSocket server (`websocketServers`, always started, [`NapSim::url`]):
+//!   `/api` and `/api/` (query ignored) are API-only, every other path is universal (the
+//!   lifecycle `connect` first, then events, heartbeats from one timer per server, API
+//!   calls answered with the request's `echo` byte for byte); a wrong or missing token does
+//!   not fail the upgrade: a retcode 1403 frame, then a Close frame without a code;
+//! - reverse WebSocket entries (`websocketClients`, [`NapSim::add_reverse`]): dial out with
+//!   NapCat's headers, redial after a fixed interval;
+//! - the HTTP API server (`httpServers`, [`NapSim::start_http`]);
+//! - HTTP POST entries (`httpClients`, [`NapSim::add_post`]).
+//!
+//! Failure modes: [`NapSim::disable_3110`] (orphaned sockets), [`NapSim::disable_v4`]
+//! (Close without a code), per-entry disable ([`ReverseHandle::disable`],
+//! [`NapSim::disable_http`], [`PostHandle::disable`]), [`NapSim::kill`] (process exit:
+//! everything dropped without a goodbye until [`NapSim::enable`] restarts it),
+//! [`NapSim::hang`] (nothing moves), [`NapSim::set_online`] and [`NapSim::kick`] (QQ logged
+//! out).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -28,11 +37,15 @@
 mod api;
 mod forward;
 mod frames;
+mod http_client;
+mod http_server;
 mod process;
 mod query;
 mod reverse;
 mod session;
 
+pub use http_client::{PostConfig, PostHandle, PostOutcome, PostStatus, QuickOperation};
+pub use http_server::{HttpRequestRecord, HttpServerConfig};
 pub use reverse::{
     DialFailure, PeerFrame, ReverseAuth, ReverseConfig, ReverseHandle, ReverseRole, ReverseStatus,
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_RECONNECT_INTERVAL, LLONEBOT_RECONNECT_INTERVAL,
@@ -132,6 +145,10 @@ struct Inner {
     forward: Mutex<Option<Arc<Server>>>,
     /// Reverse WebSocket entries, enabled or not.
     reverse: Mutex<Vec<Arc<reverse::Entry>>>,
+    /// The HTTP API server, once started.
+    http: Mutex<Option<Arc<http_server::HttpServer>>>,
+    /// HTTP POST entries, enabled or not.
+    posts: Mutex<Vec<Arc<http_client::Entry>>>,
 }
 
 impl Inner {
@@ -190,6 +207,8 @@ impl NapSim {
             addr,
             forward: Mutex::new(Some(server)),
             reverse: Mutex::new(Vec::new()),
+            http: Mutex::new(None),
+            posts: Mutex::new(Vec::new()),
         });
         Ok(NapSim {
             inner,
@@ -220,16 +239,22 @@ impl NapSim {
     }
 
     /// Send one raw text frame (an event) to every event consumer of the process: the
-    /// forward server's non-`/api` clients and the open reverse connections that take
-    /// events. Returns how many got it (0 while killed or hung; events emitted then are
-    /// lost, as in a stuck NapCat). Like NapCat, a frame is queued without limit for a
-    /// WebSocket peer that does not read.
+    /// forward server's non-`/api` clients, the open reverse connections that take events,
+    /// and the enabled HTTP POST entries (one request each, fire and forget). Returns how
+    /// many got it (0 while killed or hung; events emitted then are lost, as in a stuck
+    /// NapCat). Like NapCat, a frame is queued without limit for a WebSocket peer that does
+    /// not read.
     pub fn emit(&self, frame: impl Into<String>) -> usize {
         let inner = &self.inner;
-        if inner.shared.live().is_none() {
+        let Some(process) = inner.shared.live() else {
             return 0;
-        }
+        };
         let frame = Utf8Bytes::from(frame.into());
+        let posts = lock(&inner.posts).clone();
+        let posted = posts
+            .iter()
+            .filter(|entry| entry.post(&inner.shared, frame.as_str(), &process))
+            .count();
         let mut sent = match inner.live_forward() {
             Some(server) => server.broadcast(&frame),
             None => 0,
@@ -237,7 +262,7 @@ impl NapSim {
         for entry in lock(&inner.reverse).iter() {
             sent += usize::from(entry.broadcast(&frame));
         }
-        sent
+        sent + posted
     }
 
     /// Emit the group message event [`NapSim::message_event`]`(seq)`; returns recipients.
@@ -325,7 +350,14 @@ impl NapSim {
             return Err(io::Error::other("simulator shut down"));
         }
         let mut forward = lock(&self.inner.forward);
+        let restarting = shared.process().is_none();
         let process = shared.restart();
+        if restarting {
+            let http = lock(&self.inner.http).clone();
+            if let Some(http) = http.filter(|h| h.is_enabled()) {
+                http.relisten(&process)?;
+            }
+        }
         if forward.is_none() {
             let listener = process::bind(self.inner.addr)?;
             *forward = Some(Server::start(shared, listener, &process));
@@ -333,23 +365,110 @@ impl NapSim {
         Ok(())
     }
 
-    /// Process killed: the listener is gone and every socket (orphans and reverse
-    /// connections included) is dropped without a Close frame; reverse entries stop
-    /// dialling. `enable()` afterwards is a restart (of a process that is not hung: `kill()`
+    /// Add an HTTP POST entry (NapCat's `httpClients`): every event from [`NapSim::emit`]
+    /// and friends is POSTed to `cfg.url` while the entry is enabled and the process runs
+    /// and is not hung; no heartbeats or lifecycle events unless configured.
+    pub fn add_post(&self, cfg: PostConfig) -> PostHandle {
+        let (entry, handle) = http_client::add(&self.inner.shared, cfg);
+        lock(&self.inner.posts).push(entry);
+        handle
+    }
+
+    /// Process killed: the listeners (forward and HTTP) are gone and every socket (orphans,
+    /// reverse connections, HTTP connections, POSTs in flight) is dropped without a Close
+    /// frame or a response; reverse and POST entries fall silent. `enable()` afterwards is a restart (of a process that is not hung: `kill()`
     /// also ends a `hang()`): the forward server listens again and enabled reverse entries
-    /// dial at once.
+    /// dial at once, the HTTP server (unless switched off) listens again, POSTs resume.
     pub fn kill(&self) {
         let mut forward = lock(&self.inner.forward);
         if let Some(server) = forward.take() {
             server.stop_listening();
         }
+        if let Some(http) = lock(&self.inner.http).as_ref() {
+            http.stop_listening();
+        }
         self.inner.shared.kill();
+    }
+
+    /// Start NapCat's HTTP API server (`httpServers`) on its own listener; returns its
+    /// address. API calls are answered as on the WebSocket (same counters, same data), with
+    /// NapCat's HTTP quirks (see [`HttpServerConfig`] and the module docs). One per
+    /// simulator: a second call is an error.
+    pub async fn start_http(&self, cfg: HttpServerConfig) -> io::Result<SocketAddr> {
+        let mut http = lock(&self.inner.http);
+        if http.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the HTTP server is already started",
+            ));
+        }
+        let process = self
+            .inner
+            .shared
+            .process()
+            .ok_or_else(|| io::Error::other("simulator killed or shut down"))?;
+        let server = http_server::HttpServer::start(&self.inner.shared, cfg, &process)?;
+        let addr = server.addr;
+        *http = Some(server);
+        Ok(addr)
+    }
+
+    /// The HTTP API server's address, once started.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        lock(&self.inner.http).as_ref().map(|h| h.addr)
+    }
+
+    /// `http://HOST:PORT` of the HTTP API server, once started.
+    pub fn http_url(&self) -> Option<String> {
+        self.http_addr().map(|a| format!("http://{a}"))
+    }
+
+    /// Hot reload switched the HTTP server off: its listener closes (new connects are
+    /// refused), but kept-alive connections stay open and every request on them gets HTTP
+    /// 200 `{"status":"failed","retcode":200,...,"message":"Server is closed",...}` (after
+    /// the token check, as in NapCat).
+    pub fn disable_http(&self) {
+        if let Some(http) = lock(&self.inner.http).as_ref() {
+            http.disable();
+        }
+    }
+
+    /// Switch the HTTP server on again, on the same port; kept-alive connections answer
+    /// normally again. An error if it was never started, the process is killed or the port
+    /// was taken meanwhile.
+    pub async fn enable_http(&self) -> io::Result<()> {
+        let http = lock(&self.inner.http).clone();
+        let http = http.ok_or_else(|| io::Error::other("the HTTP server was never started"))?;
+        let process = self
+            .inner
+            .shared
+            .process()
+            .ok_or_else(|| io::Error::other("simulator killed or shut down"))?;
+        http.relisten(&process)
+    }
+
+    /// Requests that reached the HTTP server with `action` as their first path segment
+    /// (answered or not, authorised or not).
+    pub fn http_requests_on(&self, action: &str) -> u64 {
+        lock(&self.inner.http)
+            .as_ref()
+            .map_or(0, |h| h.count(action))
+    }
+
+    /// Every request that reached the HTTP server (the last few thousand), oldest first,
+    /// with the credentials it carried: a test can prove a client's token never got here.
+    pub fn http_requests(&self) -> Vec<HttpRequestRecord> {
+        lock(&self.inner.http)
+            .as_ref()
+            .map(|h| h.records())
+            .unwrap_or_default()
     }
 
     /// Process hung: the port stays bound and TCP connects succeed, but no WebSocket
     /// handshake completes; open sockets (reverse ones too) stop reading and writing
     /// entirely (no pong, no API reply, no events, no heartbeats); reverse entries do not
-    /// redial. Events emitted meanwhile are lost.
+    /// redial; the HTTP server accepts connections but answers nothing; nothing is POSTed.
+    /// Events emitted meanwhile are lost.
     pub fn hang(&self) {
         self.inner.shared.hung.send_replace(true);
     }
@@ -376,7 +495,8 @@ impl NapSim {
     }
 
     /// Benchmark helper: send `n` message events as fast as possible to every WebSocket
-    /// event consumer (forward clients and open reverse connections); resolves when all were written to the sockets, with the
+    /// event consumer (forward clients and open reverse connections; not POST entries);
+    /// resolves when all were written to the sockets, with the
     /// number of clients that got all of them.
     ///
     /// The events are [`NapSim::message_event`]`(seq)` with `seq` counting up from 1 across
@@ -460,6 +580,9 @@ impl NapSim {
         let server = lock(&self.inner.forward).take();
         if let Some(server) = server {
             server.stop_listening();
+        }
+        if let Some(http) = lock(&self.inner.http).as_ref() {
+            http.stop_listening();
         }
         shared.tracker.close();
         shared.tracker.wait().await;

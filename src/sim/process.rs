@@ -6,13 +6,15 @@
 //! [`NapSim`](super::NapSim) handle drives the transports, the transports read this state.
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,6 +73,64 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
+}
+
+/// A listening socket that can be closed synchronously from any thread, so that a connect
+/// right after `disable_*()` or `kill()` returns is refused, while its accept loop runs in a
+/// task.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    /// Cancelled when the listener closes: ends the accept loop and whatever else lives
+    /// only as long as the listener (a server's heartbeat timer, pending handshakes).
+    pub(crate) stop: CancellationToken,
+    /// The socket; taken (and so closed) by [`Listener::close`].
+    socket: Mutex<Option<TcpListener>>,
+}
+
+impl Listener {
+    /// A listener on `socket` that also closes when `parent` is cancelled.
+    pub(crate) fn new(socket: TcpListener, parent: &CancellationToken) -> Listener {
+        Listener {
+            stop: parent.child_token(),
+            socket: Mutex::new(Some(socket)),
+        }
+    }
+
+    /// Close now: no more connects are accepted by the kernel.
+    pub(crate) fn close(&self) {
+        self.stop.cancel();
+        drop(lock(&self.socket).take());
+    }
+
+    /// The next connection (Nagle off), or `None` once closed. Accept errors (EMFILE and
+    /// friends) back off briefly instead of spinning.
+    pub(crate) async fn accept(&self) -> Option<TcpStream> {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.stop.cancelled() => None,
+                accepted = poll_fn(|cx| match lock(&self.socket).as_ref() {
+                    Some(listener) => listener.poll_accept(cx).map(Some),
+                    None => Poll::Ready(None),
+                }) => accepted,
+            };
+            match accepted {
+                None => {
+                    self.close();
+                    return None;
+                }
+                Some(Ok((tcp, _peer))) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some(tcp);
+                }
+                Some(Err(_)) => {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A duration in whole milliseconds, saturating.

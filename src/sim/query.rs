@@ -14,6 +14,14 @@ pub(crate) fn param(query: &str, name: &str) -> Option<String> {
     pairs(query).find_map(|(k, v)| (k == name).then_some(v))
 }
 
+/// The value of `name` if it occurs exactly once: Express's `qs` makes a repeated key an
+/// array, which NapCat's `typeof x === 'string'` checks then ignore.
+pub(crate) fn single_param(query: &str, name: &str) -> Option<String> {
+    let mut found = pairs(query).filter(|(k, _)| k == name).map(|(_, v)| v);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
 /// Percent-decode `s` (`+` is a space); invalid escapes stay as they are.
 pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -52,6 +60,8 @@ mod tests {
             Some("x y z")
         );
         assert_eq!(param("a=1", "b"), None);
+        assert_eq!(single_param("t=1&t=2", "t"), None);
+        assert_eq!(single_param("t=1&u=2", "t").as_deref(), Some("1"));
         assert_eq!(percent_decode("%E4%BD%A0%zz%"), "你%zz%");
     }
 }
