@@ -453,7 +453,9 @@ async fn post_sends_napcat_headers_and_a_signature_that_verifies() {
         .map(|b| format!("{b:02x}"))
         .collect();
     assert_eq!(signature, format!("sha1={hex}"));
-    // No lifecycle, no heartbeat.
+    // No lifecycle, no heartbeat, not even on demand.
+    nothing(&mut rx).await;
+    assert_eq!(sim.heartbeat_now(), 0);
     nothing(&mut rx).await;
     timeout(WAIT, post.wait_finished(1)).await.unwrap();
     let outcome = &post.outcomes()[0];
@@ -594,5 +596,7 @@ async fn post_disable_hang_kill_and_heartbeats() {
     let hb: Value = serde_json::from_slice(&got(&mut rx).await.body).unwrap();
     assert_eq!(hb["meta_event_type"], "heartbeat");
     assert_eq!(hb["interval"], 100);
+    // On demand too, but only to the entry that POSTs heartbeats.
+    assert_eq!(sim.heartbeat_now(), 1);
     sim.shutdown().await;
 }

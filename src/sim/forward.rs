@@ -204,8 +204,10 @@ pub(crate) async fn serve(
     };
     shared.count_handshake(&upgrade.path);
     let _open = OpenGuard::new(&shared);
-    // kill(): drop the socket mid-whatever, no Close frame.
+    // kill(): drop the socket mid-whatever, no Close frame. Biased: a kill that also ends a
+    // hang must not let the connection write one more frame.
     tokio::select! {
+        biased;
         _ = process.cancelled() => {}
         _ = attached(&shared, &server, ws, upgrade) => {}
     }

@@ -159,6 +159,11 @@ fn push_bounded<T>(log: &Mutex<VecDeque<T>>, item: T) {
 }
 
 impl Entry {
+    /// Whether this entry POSTs heartbeats (NapCat's never do).
+    pub(crate) fn wants_heartbeats(&self) -> bool {
+        self.cfg.heartbeat_interval.is_some()
+    }
+
     /// POST `event` (fire and forget) if the entry is on; true if it was sent off.
     /// `process` is the running process, whose death aborts the request.
     pub(crate) fn post(
@@ -204,6 +209,7 @@ impl Entry {
     /// Send one event and record how it went.
     async fn post_now(&self, shared: &Shared, event: String, process: &CancellationToken) {
         let result = tokio::select! {
+            biased;
             _ = process.cancelled() => Err("process killed".to_owned()),
             result = send(shared, &self.cfg, &event, process) => result,
         };
@@ -479,6 +485,7 @@ async fn request_once(
     let conn_process = process.clone();
     shared.tracker.spawn(async move {
         tokio::select! {
+            biased;
             _ = conn_process.cancelled() => {}
             _ = conn => {}
         }

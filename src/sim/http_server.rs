@@ -322,7 +322,9 @@ async fn connection(server: Arc<HttpServer>, tcp: TcpStream, process: Cancellati
     });
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+    // Biased: a kill that also ends a hang must not let a held-up response out.
     tokio::select! {
+        biased;
         _ = process.cancelled() => {}
         _ = conn => {}
     }

@@ -245,14 +245,20 @@ impl NapSim {
     /// NapCat). Like NapCat, a frame is queued without limit for a WebSocket peer that does
     /// not read.
     pub fn emit(&self, frame: impl Into<String>) -> usize {
+        self.fan_out(frame.into(), false)
+    }
+
+    /// Deliver `frame` to every event consumer; a heartbeat skips POST entries that were
+    /// not configured to POST heartbeats.
+    fn fan_out(&self, frame: String, heartbeat: bool) -> usize {
         let inner = &self.inner;
         let Some(process) = inner.shared.live() else {
             return 0;
         };
-        let frame = Utf8Bytes::from(frame.into());
-        let posts = lock(&inner.posts).clone();
-        let posted = posts
+        let frame = Utf8Bytes::from(frame);
+        let posted = lock(&inner.posts)
             .iter()
+            .filter(|entry| !heartbeat || entry.wants_heartbeats())
             .filter(|entry| entry.post(&inner.shared, frame.as_str(), &process))
             .count();
         let mut sent = match inner.live_forward() {
@@ -277,12 +283,13 @@ impl NapSim {
         self.inner.shared.template.build(seq)
     }
 
-    /// Send a heartbeat now to every event consumer (as [`NapSim::emit`]); returns
-    /// recipients. Its `interval` is the forward server's (30000 when heartbeats are off).
+    /// Send a heartbeat now to every event consumer (as [`NapSim::emit`], but only to POST
+    /// entries configured to POST heartbeats); returns recipients. Its `interval` is the
+    /// forward server's (30000 when heartbeats are off).
     pub fn heartbeat_now(&self) -> usize {
         let shared = &self.inner.shared;
         let interval = (*shared.heartbeat.borrow()).unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
-        self.emit(shared.heartbeat_frame(interval))
+        self.fan_out(shared.heartbeat_frame(interval), true)
     }
 
     /// Set the QQ login state seen in the next heartbeats and `get_status` replies.

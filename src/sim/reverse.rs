@@ -508,7 +508,9 @@ async fn serve(shared: &Shared, entry: &Entry, mut ws: Ws, process: &Cancellatio
         api: entry.cfg.role.answers().then_some(Flavor::ReverseWs),
         observe: Some(&observe),
     };
+    // Biased: a kill that also ends a hang must not let one more frame out.
     tokio::select! {
+        biased;
         _ = process.cancelled() => {}
         _ = session::run(shared, &mut ws, &mut rx, role) => {}
     }
