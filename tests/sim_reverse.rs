@@ -416,6 +416,14 @@ async fn auth_styles_and_lagrange_split_roles() {
     bare.disable();
     drop((a, b, c, d));
 
+    // LLOneBot: NapCat's headers, fixed 3 s redial (too slow to exercise here).
+    let llob = ReverseConfig::llonebot(peer.url("/"));
+    assert_eq!(llob.reconnect_interval, Duration::from_millis(3000));
+    assert_eq!(
+        (llob.auth, llob.role, llob.user_agent.as_str()),
+        (ReverseAuth::Bearer, ReverseRole::Universal, "OneBot/11")
+    );
+
     // Lagrange's split mode: an API connection and an Event connection on separate URLs.
     let api = sim.add_reverse(
         ReverseConfig::lagrange(peer.url("/api"), ReverseRole::Api)
