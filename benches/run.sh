@@ -8,6 +8,8 @@
 #            --release (quick run with release builds)  --out DIR (default target/bench)
 #   env:     BENCH_SCENARIOS=idle,tput,rtt,disable,detect (any subset)
 #            BENCH_LIFEGUARD=/path/to/lifeguard (A/B runs of another build)
+#            BENCH_LIFEGUARD_B=/path/to/lifeguard (target lifeguard-b: a second build in the
+#            same interleaved run, e.g. before/after a change)
 #
 # `floor` is a reference, not a competitor: the relay bench binary copying bytes both ways
 # (tokio copy_bidirectional, 64 KiB buffers), the cost of one user-space hop and nothing else.
@@ -215,8 +217,9 @@ start_target() { # name: sets URL, PIDS, ADMIN_ARG, TARGET_PID
   case "$1" in
     direct)
       URL="ws://127.0.0.1:$SIM_PORT"; PIDS=""; TARGET_PID="" ;;
-    lifeguard)
-      "$LIFEGUARD" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
+    lifeguard|lifeguard-b)
+      bin=$LIFEGUARD; [ "$1" = lifeguard-b ] && bin=${BENCH_LIFEGUARD_B:?lifeguard-b needs BENCH_LIFEGUARD_B=/path/to/another/lifeguard}
+      "$bin" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
         --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" >"$WORK/lifeguard.log" 2>&1 &
       TARGET_PID=$!
       wait_port "$LG_PORT"
