@@ -30,6 +30,8 @@ pub struct Metrics {
     sessions_closed: Family<Labels, Counter>,
     handshakes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
+    notify_delivered: Counter,
+    notify_dropped: Family<Labels, Counter>,
     /// Pre-resolved handles for the hot path: (frames, bytes) to the client and to the backend.
     to_client: (Counter, Counter),
     to_backend: (Counter, Counter),
@@ -66,6 +68,8 @@ impl Metrics {
         let bytes = Family::<Labels, Counter>::default();
         let handshakes = Family::<Labels, Counter>::default();
         let reloads = Family::<Labels, Counter>::default();
+        let notify_delivered = Counter::default();
+        let notify_dropped = Family::<Labels, Counter>::default();
         r.register(
             "upstream_up",
             "1 when the lane is up (accepting sessions), 0 when down, by lane",
@@ -116,6 +120,19 @@ impl Metrics {
             "Config reloads, by result",
             reloads.clone(),
         );
+        r.register(
+            "notify_delivered",
+            "Webhook posts (--notify-url) a receiver accepted with a 2xx",
+            notify_delivered.clone(),
+        );
+        r.register(
+            "notify_dropped",
+            "Webhook posts given up, by reason: failed (every retry failed), queue_full (the receiver was too slow), missed (the history ring overran)",
+            notify_dropped.clone(),
+        );
+        for reason in ["failed", "queue_full", "missed"] {
+            let _ = notify_dropped.get_or_create(&l("reason", reason));
+        }
         let to_client = (
             frames.get_or_create(&l("direction", "to_client")).clone(),
             bytes.get_or_create(&l("direction", "to_client")).clone(),
@@ -137,6 +154,8 @@ impl Metrics {
             sessions_closed,
             handshakes,
             reloads,
+            notify_delivered,
+            notify_dropped,
             to_client,
             to_backend,
         }
@@ -232,6 +251,18 @@ impl Metrics {
         self.reloads
             .get_or_create(&l("result", if ok { "ok" } else { "failed" }))
             .inc();
+    }
+
+    /// A webhook post was accepted.
+    pub fn notify_delivered(&self) {
+        self.notify_delivered.inc();
+    }
+
+    /// `n` webhook posts were given up for `reason` (`failed`, `queue_full`, `missed`).
+    pub fn notify_dropped(&self, reason: &'static str, n: u64) {
+        self.notify_dropped
+            .get_or_create(&l("reason", reason))
+            .inc_by(n);
     }
 
     /// The text exposition format; `state_for` is how long each configured lane's

@@ -126,6 +126,14 @@ impl Session {
                     state.observe_online(online);
                 }
             }
+            Kind::BotOffline {
+                self_id,
+                tag,
+                message,
+            } => {
+                state.observe_backend(self_id, None, None);
+                state.observe_kicked(&tag, &message);
+            }
         }
     }
 
