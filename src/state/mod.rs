@@ -272,22 +272,18 @@ impl State {
     /// the same notice; only the first changes anything.
     pub fn observe_kicked(&self, tag: &str, message: &str) {
         let what = format!("{tag}: {message}");
-        let mut first = false;
-        self.update(|c| {
-            if c.inputs.online || c.inputs.kicked.as_deref() != Some(what.as_str()) {
-                first = true;
-                c.inputs.online = false;
-                c.inputs.kicked = Some(what);
+        {
+            let core = self.lock();
+            if !core.inputs.online && core.inputs.kicked.as_deref() == Some(what.as_str()) {
+                return;
             }
-        });
-        if !first {
-            return;
         }
         tracing::warn!(
-            tag,
-            message,
+            kick_tag = tag,
+            kick_message = message,
             "the backend's QQ account was kicked offline (bot_offline notice)"
         );
+        // Before the transition: sessions that hear of it look for the kick here.
         self.backend.rcu(|cur| BackendInfo {
             last_kick: Some(Kick {
                 tag: tag.to_string(),
@@ -295,6 +291,10 @@ impl State {
                 at: std::time::SystemTime::now(),
             }),
             ..(**cur).clone()
+        });
+        self.update(|c| {
+            c.inputs.online = false;
+            c.inputs.kicked = Some(what);
         });
     }
 

@@ -189,14 +189,10 @@ async fn post(url: &NotifyUrl, body: Bytes) -> Result<(), String> {
             .header(header::CONNECTION, "close")
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
-        tokio::pin!(conn);
-        let response = tokio::select! {
-            r = sender.send_request(req) => r.map_err(|e| e.to_string())?,
-            r = &mut conn => return Err(match r {
-                Ok(()) => "the receiver closed the connection".to_string(),
-                Err(e) => e.to_string(),
-            }),
-        };
+        // The connection is driven beside the request; with `Connection: close` it ends
+        // right after the answer.
+        let (response, _) = tokio::join!(sender.send_request(req), conn);
+        let response = response.map_err(|e| e.to_string())?;
         let status = response.status();
         if status.is_success() {
             Ok(())
