@@ -42,6 +42,13 @@ struct Learned {
     await_kick: bool,
 }
 
+impl Learned {
+    /// Nothing more to wait for from a kick: none is expected, or its notice went through.
+    fn kick_heard(&self) -> bool {
+        !self.await_kick || self.kick_seen
+    }
+}
+
 /// A running session. Owns both sockets.
 pub struct Session {
     state: Arc<State>,
@@ -520,7 +527,7 @@ impl Session {
                     if !until_close
                         && self.down.scanner.at_boundary()
                         && !waiting_replies
-                        && !(self.learned.await_kick && !self.learned.kick_seen) =>
+                        && self.learned.kick_heard() =>
                 {
                     // Everything already received has been handed over.
                     self.write_down(deadline).await;
