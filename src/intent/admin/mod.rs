@@ -313,6 +313,10 @@ fn route(state: &State, req: Request<Incoming>) -> Resp {
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             r
         }
+        // Browsers ask for it; there is none.
+        (&Method::GET, "/favicon.ico") => {
+            respond(StatusCode::NO_CONTENT, "image/x-icon", String::new())
+        }
         (&Method::GET, "/live") => json(StatusCode::OK, serde_json::json!({"status": "live"})),
         (&Method::GET, "/ready") => {
             let ready = state.snapshot().ready();
