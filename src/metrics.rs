@@ -23,6 +23,7 @@ type Labels = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Mutex<Registry>,
     upstream_up: Family<Labels, Gauge>,
+    upstream_cause: Family<Labels, Gauge>,
     state_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     transitions: Family<Labels, Counter>,
     probe_seconds: Family<Labels, Histogram>,
@@ -39,6 +40,10 @@ pub struct Metrics {
 
 fn l(k: &'static str, v: impl Into<String>) -> Labels {
     vec![(k, v.into())]
+}
+
+fn lane_cause(lane: &'static str, cause: &str) -> Labels {
+    vec![("lane", lane.to_string()), ("cause", cause.to_string())]
 }
 
 fn session(transport: &'static str, role: Role) -> Labels {
@@ -58,6 +63,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut r = Registry::with_prefix("lifeguard");
         let upstream_up = Family::<Labels, Gauge>::default();
+        let upstream_cause = Family::<Labels, Gauge>::default();
         let state_seconds = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let transitions = Family::<Labels, Counter>::default();
         let probe_seconds: Family<Labels, Histogram> =
@@ -74,6 +80,11 @@ impl Metrics {
             "upstream_up",
             "1 when the lane is up (accepting sessions), 0 when down, by lane",
             upstream_up.clone(),
+        );
+        r.register(
+            "upstream_cause",
+            "1 for the cause of the lane's current state (healthy, starting, admin, config, napcat-config, unhealthy, offline, shutdown), by lane and cause",
+            upstream_cause.clone(),
         );
         r.register(
             "upstream_state_seconds",
@@ -147,6 +158,7 @@ impl Metrics {
         Metrics {
             registry: Mutex::new(r),
             upstream_up,
+            upstream_cause,
             state_seconds,
             transitions,
             probe_seconds,
@@ -162,20 +174,30 @@ impl Metrics {
     }
 
     /// A configured lane's state: its series exist from now on, sessions' included.
-    pub fn lane_configured(&self, lane: &'static str, up: bool, roles: &[Role]) {
+    pub fn lane_configured(&self, lane: &'static str, up: bool, cause: &str, roles: &[Role]) {
         self.upstream_up
             .get_or_create(&l("lane", lane))
             .set(up as i64);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, cause))
+            .set(1);
         for role in roles {
             let _ = self.sessions_open.get_or_create(&session(lane, *role));
         }
     }
 
-    /// A lane changed state: its up gauge, and transitions by the new cause.
-    pub fn transition(&self, lane: &'static str, up: bool, cause: &str) {
+    /// A lane changed state (from the cause `was`): its up and cause gauges, and
+    /// transitions by the new cause.
+    pub fn transition(&self, lane: &'static str, up: bool, was: &str, cause: &str) {
         self.upstream_up
             .get_or_create(&l("lane", lane))
             .set(up as i64);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, was))
+            .set(0);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, cause))
+            .set(1);
         self.transitions
             .get_or_create(&vec![
                 ("lane", lane.to_string()),

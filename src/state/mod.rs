@@ -151,7 +151,8 @@ impl State {
         });
         let metrics = Arc::new(Metrics::new());
         for lane in snap.configured() {
-            metrics.lane_configured(lane.as_str(), snap.lane(lane).up, &lane_roles(lane));
+            let h = snap.lane(lane);
+            metrics.lane_configured(lane.as_str(), h.up, h.cause.as_str(), &lane_roles(lane));
         }
         let (tx, _) = watch::channel(snap.clone());
         Arc::new(State {
@@ -468,8 +469,12 @@ impl State {
         let self_id = self.backend.load().self_id;
         for t in &transitions {
             if configured.contains(&t.lane) {
-                self.metrics
-                    .transition(t.lane.as_str(), t.to.up, t.to.cause.as_str());
+                self.metrics.transition(
+                    t.lane.as_str(),
+                    t.to.up,
+                    t.from.cause.as_str(),
+                    t.to.cause.as_str(),
+                );
                 // The sessions the sweep just counted: every one of them is being closed.
                 let sessions_closed = if t.from.up && !t.to.up {
                     self.sessions.open_by_role(t.lane).iter().sum()
@@ -497,6 +502,7 @@ impl State {
                     self.metrics.lane_configured(
                         lane.as_str(),
                         lanes[lane.index()].up,
+                        lanes[lane.index()].cause.as_str(),
                         &lane_roles(lane),
                     );
                 }
