@@ -23,6 +23,7 @@ type Labels = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Mutex<Registry>,
     upstream_up: Family<Labels, Gauge>,
+    upstream_cause: Family<Labels, Gauge>,
     state_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     transitions: Family<Labels, Counter>,
     probe_seconds: Family<Labels, Histogram>,
@@ -30,6 +31,8 @@ pub struct Metrics {
     sessions_closed: Family<Labels, Counter>,
     handshakes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
+    notify_delivered: Counter,
+    notify_dropped: Family<Labels, Counter>,
     /// Pre-resolved handles for the hot path: (frames, bytes) to the client and to the backend.
     to_client: (Counter, Counter),
     to_backend: (Counter, Counter),
@@ -37,6 +40,10 @@ pub struct Metrics {
 
 fn l(k: &'static str, v: impl Into<String>) -> Labels {
     vec![(k, v.into())]
+}
+
+fn lane_cause(lane: &'static str, cause: &str) -> Labels {
+    vec![("lane", lane.to_string()), ("cause", cause.to_string())]
 }
 
 fn session(transport: &'static str, role: Role) -> Labels {
@@ -56,6 +63,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut r = Registry::with_prefix("lifeguard");
         let upstream_up = Family::<Labels, Gauge>::default();
+        let upstream_cause = Family::<Labels, Gauge>::default();
         let state_seconds = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let transitions = Family::<Labels, Counter>::default();
         let probe_seconds: Family<Labels, Histogram> =
@@ -66,10 +74,17 @@ impl Metrics {
         let bytes = Family::<Labels, Counter>::default();
         let handshakes = Family::<Labels, Counter>::default();
         let reloads = Family::<Labels, Counter>::default();
+        let notify_delivered = Counter::default();
+        let notify_dropped = Family::<Labels, Counter>::default();
         r.register(
             "upstream_up",
             "1 when the lane is up (accepting sessions), 0 when down, by lane",
             upstream_up.clone(),
+        );
+        r.register(
+            "upstream_cause",
+            "1 for the cause of the lane's current state (healthy, starting, admin, config, napcat-config, unhealthy, offline, shutdown), by lane and cause",
+            upstream_cause.clone(),
         );
         r.register(
             "upstream_state_seconds",
@@ -116,6 +131,19 @@ impl Metrics {
             "Config reloads, by result",
             reloads.clone(),
         );
+        r.register(
+            "notify_delivered",
+            "Webhook posts (--notify-url) a receiver accepted with a 2xx",
+            notify_delivered.clone(),
+        );
+        r.register(
+            "notify_dropped",
+            "Webhook posts given up, by reason: failed (every retry failed), queue_full (the receiver was too slow), missed (the history ring overran)",
+            notify_dropped.clone(),
+        );
+        for reason in ["failed", "queue_full", "missed"] {
+            let _ = notify_dropped.get_or_create(&l("reason", reason));
+        }
         let to_client = (
             frames.get_or_create(&l("direction", "to_client")).clone(),
             bytes.get_or_create(&l("direction", "to_client")).clone(),
@@ -130,6 +158,7 @@ impl Metrics {
         Metrics {
             registry: Mutex::new(r),
             upstream_up,
+            upstream_cause,
             state_seconds,
             transitions,
             probe_seconds,
@@ -137,26 +166,38 @@ impl Metrics {
             sessions_closed,
             handshakes,
             reloads,
+            notify_delivered,
+            notify_dropped,
             to_client,
             to_backend,
         }
     }
 
     /// A configured lane's state: its series exist from now on, sessions' included.
-    pub fn lane_configured(&self, lane: &'static str, up: bool, roles: &[Role]) {
+    pub fn lane_configured(&self, lane: &'static str, up: bool, cause: &str, roles: &[Role]) {
         self.upstream_up
             .get_or_create(&l("lane", lane))
             .set(up as i64);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, cause))
+            .set(1);
         for role in roles {
             let _ = self.sessions_open.get_or_create(&session(lane, *role));
         }
     }
 
-    /// A lane changed state: its up gauge, and transitions by the new cause.
-    pub fn transition(&self, lane: &'static str, up: bool, cause: &str) {
+    /// A lane changed state (from the cause `was`): its up and cause gauges, and
+    /// transitions by the new cause.
+    pub fn transition(&self, lane: &'static str, up: bool, was: &str, cause: &str) {
         self.upstream_up
             .get_or_create(&l("lane", lane))
             .set(up as i64);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, was))
+            .set(0);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, cause))
+            .set(1);
         self.transitions
             .get_or_create(&vec![
                 ("lane", lane.to_string()),
@@ -232,6 +273,18 @@ impl Metrics {
         self.reloads
             .get_or_create(&l("result", if ok { "ok" } else { "failed" }))
             .inc();
+    }
+
+    /// A webhook post was accepted.
+    pub fn notify_delivered(&self) {
+        self.notify_delivered.inc();
+    }
+
+    /// `n` webhook posts were given up for `reason` (`failed`, `queue_full`, `missed`).
+    pub fn notify_dropped(&self, reason: &'static str, n: u64) {
+        self.notify_dropped
+            .get_or_create(&l("reason", reason))
+            .inc_by(n);
     }
 
     /// The text exposition format; `state_for` is how long each configured lane's
