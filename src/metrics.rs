@@ -5,6 +5,7 @@
 //! `lane` (the state's) or `transport` (sessions, handshakes) labels with the lane's name,
 //! and exist only for lanes that are configured.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,6 +19,21 @@ use prometheus_client::registry::Registry;
 use crate::proto::onebot::Role;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Shards of the relayed-traffic counters: more than the worker threads there are.
+const SHARDS: usize = 16;
+
+/// One thread's (frames, bytes) to the client and to the backend, alone on its cache line.
+#[derive(Default)]
+#[repr(align(128))]
+struct RelayedShard([AtomicU64; 4]);
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's shard, handed out round robin.
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+}
 
 /// Every metric lifeguard exports.
 pub struct Metrics {
@@ -36,6 +52,10 @@ pub struct Metrics {
     /// Pre-resolved handles for the hot path: (frames, bytes) to the client and to the backend.
     to_client: (Counter, Counter),
     to_backend: (Counter, Counter),
+    /// What the hot path adds, per worker thread, before a scrape folds it into the four
+    /// counters above: one shared counter per direction would bounce its cache line
+    /// between cores on every request.
+    relayed_shards: Box<[RelayedShard; SHARDS]>,
 }
 
 fn l(k: &'static str, v: impl Into<String>) -> Labels {
@@ -170,6 +190,7 @@ impl Metrics {
             notify_dropped,
             to_client,
             to_backend,
+            relayed_shards: Box::new(std::array::from_fn(|_| RelayedShard::default())),
         }
     }
 
@@ -245,18 +266,35 @@ impl Metrics {
             .inc();
     }
 
-    /// Frames and bytes just relayed (deltas), per read batch.
+    /// Frames and bytes just relayed (deltas), per read batch: an uncontended add to this
+    /// thread's shard.
     pub fn relayed(&self, to_client: bool, frames: u64, bytes: u64) {
-        let (f, b) = if to_client {
-            &self.to_client
-        } else {
-            &self.to_backend
-        };
-        if frames > 0 {
-            f.inc_by(frames);
+        let shard = &self.relayed_shards[SHARD.with(|s| *s)];
+        let i = if to_client { 0 } else { 2 };
+        shard.0[i].fetch_add(frames, Ordering::Relaxed);
+        shard.0[i + 1].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Fold the shards into the exported counters (only `render` calls it, under the
+    /// registry lock, so no two folds race).
+    fn fold_relayed(&self) {
+        let mut sums = [0u64; 4];
+        for shard in self.relayed_shards.iter() {
+            for (sum, v) in sums.iter_mut().zip(&shard.0) {
+                *sum += v.load(Ordering::Relaxed);
+            }
         }
-        if bytes > 0 {
-            b.inc_by(bytes);
+        let exported = [
+            &self.to_client.0,
+            &self.to_client.1,
+            &self.to_backend.0,
+            &self.to_backend.1,
+        ];
+        for (counter, sum) in exported.into_iter().zip(sums) {
+            let delta = sum.saturating_sub(counter.get());
+            if delta > 0 {
+                counter.inc_by(delta);
+            }
         }
     }
 
@@ -297,6 +335,7 @@ impl Metrics {
         }
         let mut out = String::new();
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        self.fold_relayed();
         if encode(&mut out, &reg).is_err() {
             out.clear();
         }
