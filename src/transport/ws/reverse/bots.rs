@@ -122,8 +122,14 @@ pub struct EchoRoutes {
 
 #[derive(Deserialize)]
 struct EchoOnly<'a> {
-    #[serde(borrow)]
+    /// Present (`null` included) or absent: `Option<&RawValue>` alone would read a `null`
+    /// echo as absent.
+    #[serde(borrow, default, deserialize_with = "present")]
     echo: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Where the top-level `echo` value of a JSON object text is: its byte range, if present.
@@ -317,7 +323,10 @@ mod tests {
             sent.push(out);
         }
         for (i, (leg, _, echo)) in cases.iter().enumerate().rev() {
-            let (to, reply) = r.inbound(&reply_to(&sent[i])).unwrap();
+            let reply = reply_to(&sent[i]);
+            let (to, reply) = r
+                .inbound(&reply)
+                .unwrap_or_else(|| panic!("not routed: {reply} (sent {})", sent[i]));
             assert_eq!(to, *leg);
             assert!(
                 reply.contains(&format!(r#""echo":{echo},"stream""#)),
