@@ -50,6 +50,8 @@ pub async fn run(mut args: RunArgs, demo: DemoArgs) -> ExitCode {
     }
 }
 
+// The handshake callback's error type is fixed by tungstenite.
+#[allow(clippy::result_large_err)]
 async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> {
     let sim =
         NapSim::start(SimConfig::default().with_heartbeat_interval(Some(Duration::from_secs(5))))
