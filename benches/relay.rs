@@ -88,9 +88,16 @@ struct RunArgs {
     /// lifeguard's admin address: enables the disable and detection scenarios.
     #[arg(long)]
     admin: Option<SocketAddr>,
-    /// Comma separated: idle,tput,rtt,disable,detect.
-    #[arg(long, default_value = "idle,tput,rtt,disable,detect")]
+    /// Comma separated: idle,tput,rtt,rev,disable,detect.
+    #[arg(long, default_value = "idle,tput,rtt,rev,disable,detect")]
     scenarios: String,
+    /// Reverse WebSocket (scenario `rev`): the URL the simulator's reverse entries dial
+    /// (lifeguard's --reverse-listen, or the bots directly for `direct`).
+    #[arg(long)]
+    reverse_dial: Option<String>,
+    /// Reverse WebSocket: where this load generator listens as the bots.
+    #[arg(long)]
+    reverse_bots: Option<SocketAddr>,
     /// Repetition number recorded with each figure.
     #[arg(long, default_value_t = 1)]
     rep: u32,
@@ -171,6 +178,7 @@ async fn sim_mode(listen: SocketAddr, control: SocketAddr) -> Res<()> {
     let sim =
         lifeguard::sim::NapSim::start_on(listen, lifeguard::sim::SimConfig::default()).await?;
     let sim = Arc::new(sim);
+    let entries: Arc<std::sync::Mutex<Vec<lifeguard::sim::ReverseHandle>>> = Arc::default();
     let ctl = TcpListener::bind(control).await?;
     eprintln!(
         "relay sim: upstream {} control {} pid {}",
@@ -181,6 +189,7 @@ async fn sim_mode(listen: SocketAddr, control: SocketAddr) -> Res<()> {
     loop {
         let (sock, _) = ctl.accept().await?;
         let sim = sim.clone();
+        let entries = entries.clone();
         tokio::spawn(async move {
             let (r, mut w) = sock.into_split();
             let mut lines = BufReader::new(r).lines();
@@ -206,6 +215,30 @@ async fn sim_mode(listen: SocketAddr, control: SocketAddr) -> Res<()> {
                         Ok(()) => "ok".to_string(),
                         Err(e) => format!("err {e}"),
                     },
+                    // `reverse_add URL N`: N reverse WebSocket entries dialling URL, each
+                    // with its own self id, no heartbeats, no redial within a run.
+                    (Some("reverse_add"), Some(url)) => {
+                        let n: u64 = it.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+                        let mut e = entries.lock().unwrap();
+                        let base = 10_000 + e.len() as u64;
+                        for i in 0..n {
+                            e.push(
+                                sim.add_reverse(
+                                    lifeguard::sim::ReverseConfig::napcat(url)
+                                        .with_self_id(base + i)
+                                        .with_heartbeat_interval(None)
+                                        .with_reconnect_interval(Duration::from_secs(3600)),
+                                ),
+                            );
+                        }
+                        "ok".to_string()
+                    }
+                    (Some("reverse_stop"), _) => {
+                        for h in entries.lock().unwrap().drain(..) {
+                            h.disable();
+                        }
+                        "ok".to_string()
+                    }
                     (Some("quit"), _) => std::process::exit(0),
                     _ => format!("err unknown command {line:?}"),
                 };
@@ -438,6 +471,16 @@ async fn run_mode(a: RunArgs) -> Res<()> {
         let c64 = a.calls_64.unwrap_or(if q { 20 } else { 1000 });
         round_trip(&mut cx, 1, c1, "1").await?;
         round_trip(&mut cx, 64, c64, "64").await?;
+    }
+    if let (true, Some(dial), Some(bots)) = (has("rev"), a.reverse_dial.clone(), a.reverse_bots) {
+        let e1 = a.events_1.unwrap_or(if q { 20_000 } else { 1_000_000 });
+        let e64 = a.events_64.unwrap_or(if q { 300 } else { 30_000 });
+        reverse_throughput(&mut cx, &dial, bots, 1, e1, "1").await?;
+        reverse_throughput(&mut cx, &dial, bots, 64, e64, "64").await?;
+        let c1 = a.calls_1.unwrap_or(if q { 500 } else { 20_000 });
+        let c64 = a.calls_64.unwrap_or(if q { 20 } else { 1000 });
+        reverse_round_trip(&mut cx, &dial, bots, 1, c1, "1").await?;
+        reverse_round_trip(&mut cx, &dial, bots, 64, c64, "64").await?;
     }
     if let Some(admin) = a.admin {
         if has("disable") {
@@ -705,6 +748,238 @@ async fn round_trip_clients(
         secs,
         cpu: [0, 1, 2].map(|i| cpu1[i] - cpu0[i]),
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// Reverse WebSocket: the simulator dials, this load generator is the bots.
+
+type BotConn = WebSocketStream<TcpStream>;
+
+/// Accept `conns` bot connections dialled for the simulator's new reverse entries, each
+/// past its `connect` event.
+async fn accept_bots(
+    ctl: &mut Control,
+    listener: &TcpListener,
+    dial: &str,
+    conns: usize,
+    limit: Duration,
+) -> Res<Vec<BotConn>> {
+    ctl.cmd(&format!("reverse_add {dial} {conns}")).await?;
+    let mut out = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let (tcp, _) = timeout(limit, listener.accept())
+            .await
+            .map_err(|_| "reverse: the simulator's entries did not arrive in time")??;
+        let _ = tcp.set_nodelay(true);
+        let mut ws =
+            tokio_tungstenite::accept_async_with_config(tcp, Some(client_config(128 * 1024)))
+                .await?;
+        loop {
+            match timeout(limit, ws.next()).await {
+                Ok(Some(Ok(Message::Text(_)))) => break,
+                Ok(Some(Ok(_))) => {}
+                other => return Err(format!("reverse: no connect event: {other:?}").into()),
+            }
+        }
+        out.push(ws);
+    }
+    Ok(out)
+}
+
+/// Bot connections closed, the simulator's entries switched off.
+async fn end_bots(ctl: &mut Control, bots: Vec<BotConn>) -> Res<()> {
+    ctl.cmd("reverse_stop").await?;
+    let mut js = Vec::with_capacity(bots.len());
+    for mut ws in bots {
+        js.push(tokio::spawn(async move {
+            let _ = timeout(Duration::from_millis(500), async {
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+            .await;
+        }));
+    }
+    for j in js {
+        let _ = j.await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// Reverse WebSocket events/s: as `throughput`, with the simulator dialling and this
+/// process serving as the bots.
+async fn reverse_throughput(
+    cx: &mut Ctx,
+    dial: &str,
+    bots: SocketAddr,
+    conns: usize,
+    n: u64,
+    tag: &str,
+) -> Res<()> {
+    let listener = TcpListener::bind(bots).await?;
+    let limit = cx.limit;
+    let wss = accept_bots(&mut cx.ctl, &listener, dial, conns, limit).await?;
+    let mut tasks = Vec::with_capacity(conns);
+    for mut ws in wss {
+        tasks.push(tokio::spawn(async move {
+            let finder = memchr::memmem::Finder::new(b"\"post_type\":\"message\"");
+            let mut got = 0u64;
+            while got < n {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if finder.find(t.as_bytes()).is_some() => got += 1,
+                    Some(Ok(Message::Close(c))) => {
+                        return Err(format!("reverse: closed after {got} events: {c:?}").into())
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(format!("reverse: after {got} events: {e}").into()),
+                    None => return Err(format!("reverse: eof after {got} events").into()),
+                }
+            }
+            Res::Ok((Instant::now(), ws))
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (p0, s0) = (cpu_secs(&cx.pids), cpu_secs(&cx.sim_pid));
+    let t0 = Instant::now();
+    let fed = cx.ctl.cmd(&format!("blast {n}")).await?;
+    if fed.trim() != conns.to_string() {
+        eprintln!("  warning: the simulator blasted {fed} reverse connections, expected {conns}");
+    }
+    let mut last = t0;
+    let mut wss = Vec::with_capacity(conns);
+    for t in tasks {
+        let (done, ws) = timeout(limit, t)
+            .await
+            .map_err(|_| format!("reverse throughput {tag}: not all events arrived in time"))???;
+        last = last.max(done);
+        wss.push(ws);
+    }
+    let (p1, s1) = (cpu_secs(&cx.pids), cpu_secs(&cx.sim_pid));
+    let total = n as f64 * conns as f64;
+    cx.record(&format!("rev_eps_{tag}"), total / (last - t0).as_secs_f64());
+    if !cx.pids.is_empty() {
+        cx.record(&format!("rev_cpu_ns_event_{tag}"), (p1 - p0) * 1e9 / total);
+    }
+    cx.record(
+        &format!("rev_sim_cpu_ns_event_{tag}"),
+        (s1 - s0) * 1e9 / total,
+    );
+    end_bots(&mut cx.ctl, wss).await
+}
+
+/// Reverse WebSocket API round trip: each bot connection sends `get_status` calls one at a
+/// time and waits for its echo. The bots run on a thread of their own (a current-thread
+/// runtime), as in `round_trip`.
+async fn reverse_round_trip(
+    cx: &mut Ctx,
+    dial: &str,
+    bots: SocketAddr,
+    conns: usize,
+    calls: usize,
+    tag: &str,
+) -> Res<()> {
+    let limit = cx.limit;
+    let std_listener = std::net::TcpListener::bind(bots)?;
+    std_listener.set_nonblocking(true)?;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let (tx, rx) = tokio::sync::oneshot::channel::<Res<Vec<u64>>>();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = tx.send(Err(e.into()));
+                return;
+            }
+        };
+        let res = rt.block_on(async move {
+            let listener = TcpListener::from_std(std_listener)?;
+            let _ = ready_tx.send(());
+            let mut wss = Vec::with_capacity(conns);
+            for _ in 0..conns {
+                let (tcp, _) = timeout(limit, listener.accept())
+                    .await
+                    .map_err(|_| "reverse rtt: entries did not arrive")??;
+                let _ = tcp.set_nodelay(true);
+                let mut ws = tokio_tungstenite::accept_async_with_config(
+                    tcp,
+                    Some(client_config(16 * 1024)),
+                )
+                .await?;
+                loop {
+                    match timeout(limit, ws.next()).await {
+                        Ok(Some(Ok(Message::Text(_)))) => break,
+                        Ok(Some(Ok(_))) => {}
+                        other => return Err(format!("reverse rtt: no connect: {other:?}").into()),
+                    }
+                }
+                wss.push(ws);
+            }
+            let warm = (calls / 10).clamp(10, 200);
+            let mut tasks = Vec::with_capacity(conns);
+            for (c, mut ws) in wss.into_iter().enumerate() {
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::with_capacity(calls);
+                    for i in 0..warm + calls {
+                        let echo = format!("\"echo\":\"r{c}-{i}\"");
+                        let req = format!(r#"{{"action":"get_status","params":{{}},{echo}}}"#);
+                        let finder = memchr::memmem::Finder::new(echo.as_bytes());
+                        let t = Instant::now();
+                        ws.send(Message::text(req)).await?;
+                        loop {
+                            match timeout(limit, ws.next()).await {
+                                Ok(Some(Ok(Message::Text(r))))
+                                    if finder.find(r.as_bytes()).is_some() =>
+                                {
+                                    break
+                                }
+                                Ok(Some(Ok(Message::Close(c)))) => {
+                                    return Err(format!("reverse rtt: closed {c:?}").into())
+                                }
+                                Ok(Some(Ok(_))) => {}
+                                Ok(Some(Err(e))) => {
+                                    return Err(Box::<dyn Error + Send + Sync>::from(e))
+                                }
+                                Ok(None) | Err(_) => return Err("reverse rtt: no reply".into()),
+                            }
+                        }
+                        if i >= warm {
+                            lat.push(t.elapsed().as_nanos() as u64);
+                        }
+                    }
+                    Res::Ok((lat, ws))
+                }));
+            }
+            let mut all = Vec::new();
+            let mut keep = Vec::new();
+            for t in tasks {
+                let (lat, ws) = timeout(limit * 2, t)
+                    .await
+                    .map_err(|_| "reverse rtt: not finished")???;
+                all.extend(lat);
+                keep.push(ws);
+            }
+            // Held until the simulator's entries are switched off by the caller.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(keep);
+            Res::Ok(all)
+        });
+        let _ = tx.send(res);
+    });
+    ready_rx.await.map_err(|_| "reverse rtt: bot thread died")?;
+    cx.ctl.cmd(&format!("reverse_add {dial} {conns}")).await?;
+    let mut all = rx.await.map_err(|_| "reverse rtt: bot thread died")??;
+    cx.ctl.cmd("reverse_stop").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        let i = ((p * all.len() as f64).ceil() as usize).clamp(1, all.len()) - 1;
+        all[i] as f64 / 1000.0
+    };
+    cx.record(&format!("rev_rtt{tag}_p50_us"), pct(0.50));
+    cx.record(&format!("rev_rtt{tag}_p99_us"), pct(0.99));
+    Ok(())
 }
 
 /// How one session ended.
@@ -983,6 +1258,48 @@ const ROWS: &[Row] = &[
         metric: "rtt64_p999_us",
         label: "RTT p99.9 µs, 64 conns",
         base: "direct",
+        goal: None,
+    },
+    Row {
+        metric: "rev_eps_1",
+        label: "reverse WS: events/s, 1 conn",
+        base: "direct",
+        goal: None,
+    },
+    Row {
+        metric: "rev_eps_64",
+        label: "reverse WS: events/s, 64 conns",
+        base: "direct",
+        goal: None,
+    },
+    Row {
+        metric: "rev_rtt1_p50_us",
+        label: "reverse WS: RTT p50 µs, 1 conn",
+        base: "direct",
+        goal: None,
+    },
+    Row {
+        metric: "rev_rtt1_p99_us",
+        label: "reverse WS: RTT p99 µs, 1 conn",
+        base: "direct",
+        goal: None,
+    },
+    Row {
+        metric: "rev_rtt64_p50_us",
+        label: "reverse WS: RTT p50 µs, 64 conns",
+        base: "direct",
+        goal: None,
+    },
+    Row {
+        metric: "rev_rtt64_p99_us",
+        label: "reverse WS: RTT p99 µs, 64 conns",
+        base: "direct",
+        goal: None,
+    },
+    Row {
+        metric: "rev_cpu_ns_event_64",
+        label: "reverse WS: proxy CPU ns/event, 64 conns",
+        base: "",
         goal: None,
     },
     Row {

@@ -6,7 +6,9 @@
 #                                  nginx/haproxy only if already installed)
 #   options: --reps N  --targets "direct lifeguard nginx haproxy floor"  --no-install
 #            --release (quick run with release builds)  --out DIR (default target/bench)
-#   env:     BENCH_SCENARIOS=idle,tput,rtt,disable,detect (any subset)
+#   env:     BENCH_SCENARIOS=idle,tput,rtt,rev,disable,detect (any subset; `rev` is reverse
+#            WebSocket: the simulator dials, the load generator is the bots; direct and
+#            lifeguard only)
 #            BENCH_LIFEGUARD=/path/to/lifeguard (A/B runs of another build)
 #            BENCH_LIFEGUARD_B=/path/to/lifeguard (target lifeguard-b: a second build in the
 #            same interleaved run, e.g. before/after a change)
@@ -64,6 +66,8 @@ LG_ADMIN=$((BASE_PORT + 11))
 NGINX_PORT=$((BASE_PORT + 20))
 HAP_PORT=$((BASE_PORT + 30))
 FLOOR_PORT=$((BASE_PORT + 40))
+LG_REV_PORT=$((BASE_PORT + 12))
+BOTS_PORT=$((BASE_PORT + 50))
 
 # 9,000 sessions: the load generator holds 9,000 fds, the simulator 9,000, a proxy 18,000.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -213,19 +217,23 @@ EOF
 haproxy_cfg "$WORK/haproxy.cfg" "  tune.bufsize 65536"
 haproxy_cfg "$WORK/haproxy-16k.cfg" ""
 
-start_target() { # name: sets URL, PIDS, ADMIN_ARG, TARGET_PID
+start_target() { # name: sets URL, PIDS, ADMIN_ARG, REV_ARG, TARGET_PID
   ADMIN_ARG=()
+  REV_ARG=()
   case "$1" in
     direct)
-      URL="ws://127.0.0.1:$SIM_PORT"; PIDS=""; TARGET_PID="" ;;
+      URL="ws://127.0.0.1:$SIM_PORT"; PIDS=""; TARGET_PID=""
+      REV_ARG=(--reverse-dial "ws://127.0.0.1:$BOTS_PORT/onebot/v11/ws" --reverse-bots "127.0.0.1:$BOTS_PORT") ;;
     lifeguard|lifeguard-b)
       bin=$LIFEGUARD; [ "$1" = lifeguard-b ] && bin=${BENCH_LIFEGUARD_B:?lifeguard-b needs BENCH_LIFEGUARD_B=/path/to/another/lifeguard}
       "$bin" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
-        --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" >"$WORK/lifeguard.log" 2>&1 &
+        --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" \
+        --reverse-listen "127.0.0.1:$LG_REV_PORT" --reverse-url "ws://127.0.0.1:$BOTS_PORT" >"$WORK/lifeguard.log" 2>&1 &
       TARGET_PID=$!
       wait_port "$LG_PORT"
       URL="ws://127.0.0.1:$LG_PORT"; PIDS=$TARGET_PID
-      ADMIN_ARG=(--admin "127.0.0.1:$LG_ADMIN") ;;
+      ADMIN_ARG=(--admin "127.0.0.1:$LG_ADMIN")
+      REV_ARG=(--reverse-dial "ws://127.0.0.1:$LG_REV_PORT/onebot/v11/ws" --reverse-bots "127.0.0.1:$BOTS_PORT") ;;
     nginx|nginx-4k)
       nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" -g 'daemon off;' &
       TARGET_PID=$!
@@ -258,8 +266,8 @@ for rep in $(seq "$REPS"); do
     t=${TLIST[$(((i + rep - 1) % N))]}
     start_target "$t"
     if ! timeout "$RUN_TIMEOUT" "$RELAY" run --target "$t" --url "$URL" --control "127.0.0.1:$CTL_PORT" \
-        --pids "$PIDS" "${ADMIN_ARG[@]}" --rep "$rep" --out "$RESULTS" "${QFLAG[@]}" \
-        --scenarios "${BENCH_SCENARIOS:-idle,tput,rtt,disable,detect}"; then
+        --pids "$PIDS" "${ADMIN_ARG[@]}" "${REV_ARG[@]}" --rep "$rep" --out "$RESULTS" "${QFLAG[@]}" \
+        --scenarios "${BENCH_SCENARIOS:-idle,tput,rtt,rev,disable,detect}"; then
       echo "run.sh: $t rep $rep FAILED" >&2
       FAILED=$((FAILED + 1))
       [ "$t" = lifeguard ] && tail -20 "$WORK/lifeguard.log" >&2

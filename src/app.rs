@@ -16,7 +16,7 @@ use crate::config::{RunArgs, Settings};
 use crate::intent::{admin, napcat, probe, reload};
 use crate::state::State;
 use crate::transport::notify;
-use crate::transport::ws::listener;
+use crate::transport::ws::{listener, reverse};
 
 /// How long start-up waits for NapCat's file before going on without it.
 const NAPCAT_FIRST_READ: Duration = Duration::from_secs(2);
@@ -25,6 +25,8 @@ const NAPCAT_FIRST_READ: Duration = Duration::from_secs(2);
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where backends dial in (reverse WebSocket), when configured.
+    pub reverse_addr: Option<SocketAddr>,
     pub state: Arc<State>,
 }
 
@@ -33,6 +35,11 @@ impl Proxy {
     pub async fn start(settings: Settings) -> std::io::Result<Proxy> {
         let clients = bind(settings.listen, "").await?;
         let admin = bind(settings.admin_listen, " (admin)").await?;
+        let backends = match settings.reverse_listen {
+            Some(a) => Some(bind(a, " (reverse WebSocket)").await?),
+            None => None,
+        };
+        let reverse_addr = backends.as_ref().map(|l| l.local_addr()).transpose()?;
         let addr = clients.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let state = State::new(settings);
@@ -60,15 +67,20 @@ impl Proxy {
         state
             .drain
             .spawn_session(listener::serve(state.clone(), clients));
+        if let Some(l) = backends {
+            state.drain.spawn_session(reverse::serve(state.clone(), l));
+        }
         tracing::info!(
             listen = %addr,
             admin = %admin_addr,
+            reverse_listen = %reverse_addr.map(|a| a.to_string()).unwrap_or_default(),
             upstream = %state.settings().upstream.as_ref().map(|u| u.to_string()).unwrap_or_default(),
             "lifeguard started"
         );
         Ok(Proxy {
             addr,
             admin_addr,
+            reverse_addr,
             state,
         })
     }

@@ -1,7 +1,8 @@
 //! `lifeguard demo`: the proxy in front of the bundled NapCat simulator, and a scripted
 //! client that shows, in about fifteen seconds, what a bot framework sees: a transparent
 //! relay, then NapCat 3.1.10's silent disable turned into `disable` + Close, 503 while
-//! down, recovery, and an operator's disable through the admin API.
+//! down, recovery, an operator's disable through the admin API, and reverse WebSocket
+//! (NapCat dials lifeguard, lifeguard dials the bot; NapCat switching its entry off).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::app::Proxy;
 use crate::config::{DemoArgs, RunArgs, Settings};
-use crate::sim::{NapSim, SimConfig};
+use crate::sim::{NapSim, ReverseConfig, SimConfig};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -49,6 +50,8 @@ pub async fn run(mut args: RunArgs, demo: DemoArgs) -> ExitCode {
     }
 }
 
+// The handshake callback's error type is fixed by tungstenite.
+#[allow(clippy::result_large_err)]
 async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> {
     let sim =
         NapSim::start(SimConfig::default().with_heartbeat_interval(Some(Duration::from_secs(5))))
@@ -60,6 +63,15 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
         .get_or_insert(([127, 0, 0, 1], 6701).into());
     args.probe_interval
         .get_or_insert(Duration::from_millis(500));
+    // Reverse WebSocket: this walkthrough's own bot, on a free port.
+    let bot = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| format!("cannot listen for the demo bot: {e}"))?;
+    let bot_addr = bot.local_addr().map_err(|e| e.to_string())?;
+    args.reverse_listen
+        .get_or_insert(([127, 0, 0, 1], 0).into());
+    args.reverse_url
+        .get_or_insert_with(|| vec![format!("ws://{bot_addr}/onebot/v11/ws")]);
     let settings = Settings::resolve(args, None).map_err(|e| e.to_string())?;
     let proxy = match Proxy::start(settings.clone()).await {
         Ok(p) => p,
@@ -161,6 +173,67 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
         other => return Err(format!("POST /enable failed: {other:?}")),
     }
 
+    say("6. Reverse WebSocket: NapCat dials lifeguard, lifeguard dials the bot");
+    if let Some(reverse) = proxy.reverse_addr {
+        let entry = sim.add_reverse(
+            ReverseConfig::napcat(format!("ws://{reverse}/onebot/v11/ws"))
+                .with_heartbeat_interval(None),
+        );
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), bot.accept())
+            .await
+            .map_err(|_| "lifeguard did not dial the bot".to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut seen = String::new();
+        let mut bws = tokio_tungstenite::accept_hdr_async(
+            tcp,
+            |req: &tungstenite::handshake::server::Request,
+             resp: tungstenite::handshake::server::Response| {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string()
+                };
+                seen = format!(
+                    "GET {}  X-Self-ID: {}  X-Client-Role: {}",
+                    req.uri().path(),
+                    h("x-self-id"),
+                    h("x-client-role")
+                );
+                Ok(resp)
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        show("bot", &format!("dialled by lifeguard: {seen}"));
+        show("bot", &next_server_text(&mut bws).await?);
+        sim.emit_message(3);
+        show("bot", &next_server_text(&mut bws).await?);
+        println!(
+            "   (NapCat switches its websocketClients entry off: a Close with no code, no disable)"
+        );
+        let t0 = Instant::now();
+        entry.disable();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), bws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => show("bot", &t),
+                Ok(Some(Ok(Message::Close(f)))) => {
+                    let (code, reason) = f
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    show(
+                        "close",
+                        &format!("{code} \"{reason}\"  after {} ms", t0.elapsed().as_millis()),
+                    );
+                    break;
+                }
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+    }
+
     if demo.keep_running {
         say("Still running: point a bot at lifeguard, then play with the backend");
         println!("   bot:        {url}  (or /event, /api)");
@@ -208,6 +281,19 @@ async fn connect(url: &str) -> Result<Ws, String> {
 }
 
 async fn next_text(ws: &mut Ws) -> Result<String, String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return Ok(t.to_string()),
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => return Err(format!("connection ended: {other:?}")),
+            Err(_) => return Err("no frame within 10 s".into()),
+        }
+    }
+}
+
+async fn next_server_text(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> Result<String, String> {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => return Ok(t.to_string()),

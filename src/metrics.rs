@@ -49,6 +49,9 @@ pub struct Metrics {
     reloads: Family<Labels, Counter>,
     notify_delivered: Counter,
     notify_dropped: Family<Labels, Counter>,
+    reverse_backends: Family<Labels, Gauge>,
+    reverse_bots: Family<Labels, Gauge>,
+    reverse_online: Family<Labels, Gauge>,
     /// Pre-resolved handles for the hot path: (frames, bytes) to the client and to the backend.
     to_client: (Counter, Counter),
     to_backend: (Counter, Counter),
@@ -96,6 +99,24 @@ impl Metrics {
         let reloads = Family::<Labels, Counter>::default();
         let notify_delivered = Counter::default();
         let notify_dropped = Family::<Labels, Counter>::default();
+        let reverse_backends = Family::<Labels, Gauge>::default();
+        let reverse_bots = Family::<Labels, Gauge>::default();
+        let reverse_online = Family::<Labels, Gauge>::default();
+        r.register(
+            "reverse_backend_connections",
+            "Reverse WebSocket: backend connections open, by self id and role",
+            reverse_backends.clone(),
+        );
+        r.register(
+            "reverse_bot_connections",
+            "Reverse WebSocket: bot connections open (lifeguard dialled them), by self id",
+            reverse_bots.clone(),
+        );
+        r.register(
+            "reverse_backend_online",
+            "Reverse WebSocket: 1 while the backend's QQ account is online, 0 offline, by self id",
+            reverse_online.clone(),
+        );
         r.register(
             "upstream_up",
             "1 when the lane is up (accepting sessions), 0 when down, by lane",
@@ -188,6 +209,9 @@ impl Metrics {
             reloads,
             notify_delivered,
             notify_dropped,
+            reverse_backends,
+            reverse_bots,
+            reverse_online,
             to_client,
             to_backend,
             relayed_shards: Box::new(std::array::from_fn(|_| RelayedShard::default())),
@@ -305,6 +329,29 @@ impl Metrics {
                 ("status", status.to_string()),
             ])
             .inc();
+    }
+
+    /// A reverse backend connection opened (+1) or closed (-1).
+    pub fn reverse_backend(&self, self_id: &str, role: Role, delta: i64) {
+        let g = self.reverse_backends.get_or_create(&vec![
+            ("self_id", self_id.to_string()),
+            ("role", role.as_str().to_string()),
+        ]);
+        g.inc_by(delta);
+    }
+
+    /// A bot connection of a reverse backend opened (+1) or closed (-1).
+    pub fn reverse_bot(&self, self_id: &str, delta: i64) {
+        self.reverse_bots
+            .get_or_create(&l("self_id", self_id))
+            .inc_by(delta);
+    }
+
+    /// A reverse backend's account state, as it last told.
+    pub fn reverse_online(&self, self_id: &str, online: bool) {
+        self.reverse_online
+            .get_or_create(&l("self_id", self_id))
+            .set(online as i64);
     }
 
     pub fn reload(&self, ok: bool) {

@@ -55,6 +55,41 @@ fn bad_configuration_exits_64_with_one_message() {
             &["--upstream", "ws://napcat:3001", "--no-such-flag"],
             "--no-such-flag",
         ),
+        (
+            &["--reverse-listen", "127.0.0.1:8080"],
+            "needs at least one --reverse-url",
+        ),
+        (
+            &["--reverse-url", "ws://nonebot:8080/onebot/v11/ws"],
+            "missing upstream",
+        ),
+        (
+            &[
+                "--upstream",
+                "ws://napcat:3001",
+                "--reverse-url",
+                "ws://nonebot:8080/",
+            ],
+            "--reverse-url needs --reverse-listen",
+        ),
+        (
+            &[
+                "--reverse-listen",
+                "0.0.0.0:6700",
+                "--reverse-url",
+                "ws://nb:8080/",
+            ],
+            "collides with --listen",
+        ),
+        (
+            &[
+                "--reverse-listen",
+                "127.0.0.1:8080",
+                "--reverse-url",
+                "http://nb:8080/",
+            ],
+            "must start with ws://",
+        ),
     ];
     for (args, expect) in cases {
         let out = lifeguard(args).output().unwrap();
@@ -78,6 +113,9 @@ fn bad_configuration_exits_64_with_one_message() {
         "--heartbeat-grace",
         "--close-timeout",
         "--drain-timeout",
+        "--reverse-listen",
+        "--reverse-url",
+        "--reverse-token",
     ] {
         assert!(help.contains(flag), "{flag} in --help");
     }

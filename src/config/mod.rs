@@ -21,7 +21,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use file::{parse_file_config, read_file_config};
-pub use values::{parse_duration, LogFormat, NotifyUrl, Secret, UpstreamUrl};
+pub use values::{parse_duration, LogFormat, NotifyUrl, ReverseUrl, Secret, UpstreamUrl};
 
 use fields::settings;
 use values::*;
@@ -127,6 +127,16 @@ settings! {
     /// Token lifeguard presents to the backend [default: the access token].
     upstream_token: Option<Secret> = None, from String, via secret, applied Live,
         arg(env = "LIFEGUARD_UPSTREAM_TOKEN", value_name = "TOKEN", hide_env_values = true), file();
+    /// Reverse WebSocket: where backends (NapCat's websocketClients) dial in [default: off].
+    reverse_listen: Option<SocketAddr> = None, from SocketAddr, via some, applied Restart,
+        arg(env = "LIFEGUARD_REVERSE_LISTEN", value_name = "ADDR"), file();
+    /// Reverse WebSocket: a bot endpoint lifeguard dials for each backend, ws://host:port/path (repeatable).
+    reverse_url: Vec<ReverseUrl> = Vec::new(), from Vec<String>, via reverse_urls, applied Live,
+        arg(env = "LIFEGUARD_REVERSE_URL", value_name = "URL", value_delimiter = ','),
+        file(, deserialize_with = "de_string_or_list");
+    /// Token lifeguard presents to the bots it dials [default: the access token].
+    reverse_token: Option<Secret> = None, from String, via secret, applied Live,
+        arg(env = "LIFEGUARD_REVERSE_TOKEN", value_name = "TOKEN", hide_env_values = true), file();
     /// Admin listener: status page, /live, /ready, /state, /transitions, /metrics, POST /disable, POST /enable [default: 127.0.0.1:6701].
     admin_listen: SocketAddr = default_addr(DEFAULT_ADMIN_LISTEN), from SocketAddr, via same, applied Restart,
         arg(env = "LIFEGUARD_ADMIN_LISTEN", value_name = "ADDR"), file();
@@ -135,7 +145,8 @@ settings! {
         arg(env = "LIFEGUARD_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true), file();
     /// POST a JSON document to this http:// URL on every state transition (repeatable; env: comma-separated).
     notify_url: Vec<NotifyUrl> = Vec::new(), from Vec<String>, via notify_urls, applied Restart,
-        arg(env = "LIFEGUARD_NOTIFY_URL", value_name = "URL", value_delimiter = ',', hide_env_values = true), file();
+        arg(env = "LIFEGUARD_NOTIFY_URL", value_name = "URL", value_delimiter = ',', hide_env_values = true),
+        file(, deserialize_with = "de_string_or_list");
     /// Time between active probes (a WebSocket handshake on the backend's /api) [default: 1s].
     probe_interval: Duration = DEFAULT_PROBE_INTERVAL, from Duration, via positive("probe_interval"), applied Live,
         arg(env = "LIFEGUARD_PROBE_INTERVAL", value_name = "DUR", value_parser = parse_duration),
@@ -266,14 +277,24 @@ impl Settings {
             .into_iter()
             .map(|(key, by_flag, message)| located(by_flag, key, src, message))
             .collect();
-        if s.upstream.is_none() && !args.gives("upstream") && file.upstream.is_none() {
+        let gives = |key: &str, in_file: bool| args.gives(key) || in_file;
+        let reverse = gives("reverse_listen", file.reverse_listen.is_some());
+        if s.upstream.is_none() && !gives("upstream", file.upstream.is_some()) && !reverse {
             problems.insert(
                 0,
                 ConfigError::Invalid(
-                    "missing upstream: pass --upstream ws://host:port (or LIFEGUARD_UPSTREAM, or `upstream` in the config file)"
+                    "missing upstream: pass --upstream ws://host:port (forward WebSocket: lifeguard dials the backend), or --reverse-listen ADDR with --reverse-url URL (reverse WebSocket: the backend dials lifeguard, lifeguard dials the bots); each also as LIFEGUARD_* or a config file key"
                         .into(),
                 ),
             );
+        }
+        problems.extend(
+            reverse_combination(&s, args, file)
+                .into_iter()
+                .map(ConfigError::Invalid),
+        );
+        if !gives("reverse_token", file.reverse_token.is_some()) {
+            s.reverse_token = s.access_token.clone();
         }
         // The upstream token defaults to the access token, except when NapCat's file is
         // followed: then NapCat's own token for the followed server applies once its file
@@ -313,6 +334,46 @@ impl Settings {
             .filter(|k| KEYS.iter().any(|(key, a)| key == k && *a == when))
             .collect()
     }
+}
+
+/// Reverse WebSocket settings that only make sense together, and listeners that would
+/// collide: one message per problem.
+fn reverse_combination(s: &Settings, args: &RunArgs, file: &FileConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let urls_given = args.gives("reverse_url") || file.reverse_url.is_some();
+    match s.reverse_listen {
+        None => {
+            if urls_given {
+                out.push(
+                    "--reverse-url needs --reverse-listen ADDR (where the backend dials in)"
+                        .to_string(),
+                );
+            }
+            if args.gives("reverse_token") || file.reverse_token.is_some() {
+                out.push("--reverse-token needs --reverse-listen ADDR (it is what lifeguard presents to the bots it dials)".to_string());
+            }
+        }
+        Some(addr) => {
+            if s.reverse_url.is_empty() {
+                out.push(format!(
+                    "--reverse-listen {addr} needs at least one --reverse-url ws://bot:port/path (the bot endpoint lifeguard dials for each backend)"
+                ));
+            }
+            let collides = |other: SocketAddr| {
+                other.port() == addr.port()
+                    && addr.port() != 0
+                    && (other.ip() == addr.ip()
+                        || other.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            };
+            for (flag, other) in [("--listen", s.listen), ("--admin-listen", s.admin_listen)] {
+                if collides(other) {
+                    out.push(format!("--reverse-listen {addr} collides with {flag} {other}: give each its own port"));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A bad value, named by where it came from: the flag (or its env var), or the file's line.

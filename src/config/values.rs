@@ -229,6 +229,47 @@ impl fmt::Debug for NotifyUrl {
     }
 }
 
+/// A bot's reverse WebSocket endpoint (`--reverse-url`): where lifeguard dials for each
+/// backend that dials in. The path is kept exactly as written (NoneBot serves
+/// `/onebot/v11/` only with its trailing slash); without one, lifeguard dials the path the
+/// backend dialled (as nginx's `proxy_pass` without a URI does), so a backend's split API
+/// and Event connections reach a bot's separate endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseUrl {
+    pub host: String,
+    pub port: u16,
+    /// The path as written (`/onebot/v11/ws`), or empty: the backend's own path.
+    pub path: String,
+}
+
+impl ReverseUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let up = UpstreamUrl::parse(s).map_err(|e| e.replacen("upstream", "reverse URL", 1))?;
+        let rest = s.strip_prefix("ws://").unwrap_or(s);
+        let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("");
+        Ok(ReverseUrl {
+            host: up.host,
+            port: up.port,
+            path: path.to_string(),
+        })
+    }
+
+    /// `host:port` as it goes into the Host header and into a `TcpStream::connect` call.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for ReverseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ws://{}{}", self.authority(), self.path)
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -267,6 +308,36 @@ pub fn notify_urls(v: Vec<String>) -> Result<Vec<NotifyUrl>, String> {
         .filter(|s| !s.is_empty())
         .map(NotifyUrl::parse)
         .collect()
+}
+
+/// Bot endpoints, each a `ws://` URL; duplicates are refused (the bot would see the same
+/// self id twice and refuse the second).
+pub fn reverse_urls(v: Vec<String>) -> Result<Vec<ReverseUrl>, String> {
+    let mut out: Vec<ReverseUrl> = Vec::new();
+    for raw in v.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let url = ReverseUrl::parse(raw)?;
+        if out.contains(&url) {
+            return Err(format!("reverse URL {raw:?} is given twice"));
+        }
+        out.push(url);
+    }
+    Ok(out)
+}
+
+/// serde's side of a repeatable setting: one string or a list of them.
+pub fn de_string_or_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    }))
 }
 
 /// A duration above zero; `what` names the setting in the message.
@@ -364,6 +435,7 @@ render_display!(
     SocketAddr,
     UpstreamUrl,
     NotifyUrl,
+    ReverseUrl,
     Secret
 );
 

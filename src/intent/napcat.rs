@@ -269,6 +269,14 @@ pub fn wanted(s: &Settings) -> Vec<Want> {
             port: Some(up.port),
         });
     }
+    if let Some(addr) = s.reverse_listen {
+        out.push(Want {
+            lane: Lane::Reverse,
+            kind: EntryKind::WsClient,
+            name: None,
+            port: Some(addr.port()),
+        });
+    }
     out
 }
 

@@ -37,6 +37,11 @@ pub async fn run_prober(state: Arc<State>) {
         }
         last = Instant::now();
         let (epoch, s) = state.probe_target(ProbeKind::Ws);
+        if s.upstream.is_none() {
+            // Reverse WebSocket only: nothing to probe (each backend connection is its own
+            // health), until a reload adds an upstream.
+            continue;
+        }
         let result = tokio::select! {
             _ = state.drain.hard_stopped() => return,
             r = probe_once(&s) => r,

@@ -31,6 +31,21 @@ pub struct Connected {
     pub leftover: Vec<u8>,
 }
 
+/// One client handshake: where to, with which request target and headers.
+pub struct Dial<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    /// `host:port` for the Host header.
+    pub authority: String,
+    /// The request target: path and query.
+    pub target: String,
+    /// `Authorization: Bearer <token>` when set.
+    pub bearer: Option<&'a Secret>,
+    /// Headers sent as they are (the reverse relay forwards the backend's `X-Self-ID`,
+    /// `X-Client-Role` and `User-Agent`); a `User-Agent` here replaces lifeguard's own.
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
 /// Open a WebSocket to the backend on `path_and_query` (`/api`, `/event?x=1`, ...),
 /// presenting `token` as a Bearer header and as `access_token` in the query.
 pub async fn connect(
@@ -39,19 +54,6 @@ pub async fn connect(
     token: Option<&Secret>,
     timeout: Duration,
 ) -> Result<Connected, ConnectError> {
-    tokio::time::timeout(timeout, connect_inner(up, path_and_query, token))
-        .await
-        .map_err(|_| ConnectError::Timeout)?
-}
-
-async fn connect_inner(
-    up: &UpstreamUrl,
-    path_and_query: &str,
-    token: Option<&Secret>,
-) -> Result<Connected, ConnectError> {
-    let mut stream = TcpStream::connect((up.host.as_str(), up.port)).await?;
-    stream.set_nodelay(true)?;
-    let key = ws::new_key();
     let (path, query) = match path_and_query.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
@@ -75,12 +77,53 @@ async fn connect_inner(
         target.push('?');
         target.push_str(&params.join("&"));
     }
+    let dial = Dial {
+        host: &up.host,
+        port: up.port,
+        authority: up.authority(),
+        target,
+        bearer: token,
+        headers: &[],
+    };
+    open(&dial, timeout).await
+}
+
+/// Perform `dial` within `timeout` (TCP connect and handshake together).
+pub async fn open(dial: &Dial<'_>, timeout: Duration) -> Result<Connected, ConnectError> {
+    tokio::time::timeout(timeout, open_inner(dial))
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+}
+
+async fn open_inner(d: &Dial<'_>) -> Result<Connected, ConnectError> {
+    let mut stream = TcpStream::connect((d.host, d.port)).await?;
+    stream.set_nodelay(true)?;
+    let key = ws::new_key();
     let mut req = format!(
-        "GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: lifeguard/{}\r\n",
-        up.authority(),
-        env!("CARGO_PKG_VERSION")
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
+        d.target, d.authority,
     );
-    if let Some(t) = token {
+    if !d
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+    {
+        req.push_str(concat!(
+            "User-Agent: lifeguard/",
+            env!("CARGO_PKG_VERSION"),
+            "\r\n"
+        ));
+    }
+    for (name, value) in d.headers {
+        if value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            return Err(ConnectError::Invalid("a header value holds a line break"));
+        }
+        req.push_str(name);
+        req.push_str(": ");
+        req.push_str(value);
+        req.push_str("\r\n");
+    }
+    if let Some(t) = d.bearer {
         req.push_str("Authorization: Bearer ");
         req.push_str(t.expose());
         req.push_str("\r\n");

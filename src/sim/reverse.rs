@@ -114,6 +114,9 @@ pub struct ReverseConfig {
     /// Whether the entry starts enabled (it dials at once) or waits for
     /// [`ReverseHandle::enable`].
     pub enabled: bool,
+    /// `X-Self-ID` and the `connect` event's `self_id` when not the process's (benchmarks
+    /// open many reverse connections from one simulator; events keep the process's).
+    pub self_id: Option<u64>,
 }
 
 impl ReverseConfig {
@@ -131,6 +134,7 @@ impl ReverseConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             heartbeat_interval: Some(super::DEFAULT_HEARTBEAT_INTERVAL),
             enabled: true,
+            self_id: None,
         }
     }
 
@@ -196,6 +200,12 @@ impl ReverseConfig {
     /// This entry with another heartbeat period (`None`: no heartbeats).
     pub fn with_heartbeat_interval(mut self, interval: Option<Duration>) -> Self {
         self.heartbeat_interval = interval;
+        self
+    }
+
+    /// This entry announcing another self id (header and `connect`).
+    pub fn with_self_id(mut self, self_id: u64) -> Self {
+        self.self_id = Some(self_id);
         self
     }
 
@@ -488,7 +498,7 @@ async fn supervise(shared: Arc<Shared>, entry: Arc<Entry>) {
 async fn serve(shared: &Shared, entry: &Entry, mut ws: Ws, process: &CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     if entry.cfg.role.events() {
-        let connect = frames::lifecycle(shared.self_id, "connect");
+        let connect = frames::lifecycle(entry.cfg.self_id.unwrap_or(shared.self_id), "connect");
         let _ = tx.send(Out::Frame(Utf8Bytes::from(connect)));
     }
     {
@@ -566,7 +576,10 @@ fn request(
         .into_client_request()
         .map_err(|e| bad(&e))?;
     let headers = request.headers_mut();
-    headers.insert("X-Self-ID", HeaderValue::from(shared.self_id));
+    headers.insert(
+        "X-Self-ID",
+        HeaderValue::from(cfg.self_id.unwrap_or(shared.self_id)),
+    );
     let authorization = match cfg.auth {
         ReverseAuth::Bearer => Some(format!("Bearer {}", cfg.token)),
         ReverseAuth::BearerIfSet if !cfg.token.is_empty() => Some(format!("Bearer {}", cfg.token)),

@@ -12,6 +12,7 @@
 //! call the `set_*`/`observe_*` methods; transports read [`State::snapshot`] and
 //! [`State::subscribe`]. Nothing in here calls out to code that could call back in.
 
+pub mod backends;
 pub mod drain;
 pub mod gate;
 pub mod history;
@@ -26,6 +27,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 
+pub use backends::{BackendGuard, BackendSet, BackendView};
 pub use drain::Drain;
 pub use gate::{Cause, Health, HealthSource, Lane, ProbeKind};
 pub use history::History;
@@ -75,6 +77,9 @@ pub fn configured_lanes(s: &Settings) -> Vec<Lane> {
     let mut lanes = Vec::new();
     if s.upstream.is_some() {
         lanes.push(Lane::Forward);
+    }
+    if s.reverse_listen.is_some() {
+        lanes.push(Lane::Reverse);
     }
     lanes
 }
@@ -137,6 +142,8 @@ pub struct State {
     probe_now: Notify,
     backend: ArcSwap<BackendInfo>,
     pub sessions: Arc<SessionSet>,
+    /// Reverse WebSocket backends connected now, by self id and role.
+    pub backends: Arc<BackendSet>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     /// The configured lanes' recent transitions, in order.
@@ -171,6 +178,7 @@ impl State {
             probe_now: Notify::new(),
             backend: ArcSwap::from_pointee(BackendInfo::default()),
             sessions: Arc::new(SessionSet::new(metrics.clone())),
+            backends: Arc::new(BackendSet::new(metrics.clone())),
             metrics,
             drain: Drain::default(),
             history: History::default(),
@@ -543,8 +551,8 @@ impl State {
 fn lane_roles(lane: Lane) -> Vec<crate::proto::onebot::Role> {
     use crate::proto::onebot::Role;
     match lane {
-        Lane::Forward => vec![Role::Api, Role::Event, Role::Universal],
-        Lane::Reverse | Lane::HttpApi | Lane::HttpPost => vec![],
+        Lane::Forward | Lane::Reverse => vec![Role::Api, Role::Event, Role::Universal],
+        Lane::HttpApi | Lane::HttpPost => vec![],
     }
 }
 

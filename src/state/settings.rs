@@ -86,6 +86,7 @@ impl Layers {
         self.napcat.apply(&mut next);
         next.listen = self.started_with.listen;
         next.admin_listen = self.started_with.admin_listen;
+        next.reverse_listen = self.started_with.reverse_listen;
         next.log_format = self.started_with.log_format;
         if next != *self.effective {
             self.effective = Arc::new(next);

@@ -22,6 +22,9 @@ pub struct SessionInfo {
     /// The credential the client presented (to re-check it when the access token
     /// changes). Never logged, never sent upstream.
     pub credential: Option<Box<[u8]>>,
+    /// The backend's QQ number, when the session knows it from the start (reverse
+    /// WebSocket: the backend's `X-Self-ID`).
+    pub self_id: Option<u64>,
 }
 
 /// What ended a session.
@@ -45,6 +48,11 @@ pub enum End {
     ClientViolation(u16, &'static str),
     /// The access token changed and the client's credential no longer passes.
     Revoked,
+    /// Reverse WebSocket: a newer backend connection for the same self id took over.
+    Replaced(String),
+    /// Reverse WebSocket: the bot fell behind (this many bytes queued for it) while other
+    /// bots share the backend connection.
+    Overflow(usize),
 }
 
 /// What the client is owed when its session ends.
@@ -135,6 +143,18 @@ impl End {
                     "access token changed; reconnect with the new one".into(),
                 )
             },
+            End::Replaced(why) => lifeguard("replaced", ws::code::SERVICE_RESTART, why.clone()),
+            End::Overflow(queued) => Verdict {
+                announce: false,
+                ..lifeguard(
+                    "bot-overflow",
+                    ws::code::POLICY,
+                    format!(
+                        "bot fell behind: {} KiB queued for it; lifeguard redials it",
+                        queued / 1024
+                    ),
+                )
+            },
             End::ClientClosed(_) => Verdict {
                 code: None,
                 announce: false,
@@ -188,6 +208,7 @@ pub fn log_termination(
     tracing::info!(
         session = info.id,
         transport = info.lane.as_str(),
+        self_id = info.self_id,
         peer = %info.peer,
         path = %info.path,
         cause = verdict.cause,

@@ -122,6 +122,9 @@ pub fn state_json(state: &State) -> serde_json::Value {
             lane_json(snap.lane(lane), state.sessions.open_by_role(lane)),
         );
     }
+    if let Some(reverse) = lanes.get_mut(Lane::Reverse.as_str()) {
+        reverse["backends"] = reverse_backends_json(state);
+    }
     let total = state.sessions.total();
     let mut v = lane_json(summary, [0; 3]);
     let [api, event, universal] = state.sessions.open_by_role(Lane::Forward);
@@ -140,6 +143,27 @@ pub fn state_json(state: &State) -> serde_json::Value {
     });
     v["lanes"] = serde_json::Value::Object(lanes);
     v
+}
+
+/// The reverse WebSocket backends connected now: who, since when, account state, bots.
+fn reverse_backends_json(state: &State) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = state
+        .backends
+        .list()
+        .into_iter()
+        .map(|b| {
+            serde_json::json!({
+                "self_id": b.self_id.as_deref().map(|s| s.parse::<u64>().map(serde_json::Value::from).unwrap_or_else(|_| s.into())),
+                "role": b.role.as_str(),
+                "peer": b.peer.to_string(),
+                "since": b.since.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                "for_seconds": b.for_seconds,
+                "online": b.online,
+                "bots": {"connected": b.bots_connected, "configured": b.bots_configured},
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list)
 }
 
 /// `/metrics`, with how long each configured lane's state has lasted.

@@ -146,6 +146,7 @@ async fn handshake(state: &Arc<State>, peer: SocketAddr, req: &mut Request<Incom
         path,
         role,
         credential: presented,
+        self_id: None,
     };
     let on_upgrade = hyper::upgrade::on(req);
     let task_state = state.clone();
