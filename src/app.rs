@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::config::{RunArgs, Settings};
 use crate::intent::{admin, napcat, probe, reload};
 use crate::state::State;
+use crate::transport::http::{api::ApiProxy, post};
 use crate::transport::ws::listener;
 
 /// How long start-up waits for NapCat's file before going on without it.
@@ -24,6 +25,8 @@ const NAPCAT_FIRST_READ: Duration = Duration::from_secs(2);
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where the backend POSTs its events, when `--post-listen` is set.
+    pub post_addr: Option<SocketAddr>,
     pub state: Arc<State>,
 }
 
@@ -32,8 +35,13 @@ impl Proxy {
     pub async fn start(settings: Settings) -> std::io::Result<Proxy> {
         let clients = bind(settings.listen, "").await?;
         let admin = bind(settings.admin_listen, " (admin)").await?;
+        let posts = match settings.post_listen {
+            Some(a) => Some(bind(a, " (HTTP POST)").await?),
+            None => None,
+        };
         let addr = clients.local_addr()?;
         let admin_addr = admin.local_addr()?;
+        let post_addr = posts.as_ref().map(|l| l.local_addr()).transpose()?;
         let state = State::new(settings);
 
         // Intent first: NapCat's file, then the probes.
@@ -49,23 +57,33 @@ impl Proxy {
             .spawn_background(probe::run_prober(state.clone()));
         state
             .drain
+            .spawn_background(probe::run_http_prober(state.clone()));
+        state
+            .drain
             .spawn_background(probe::watch_login(state.clone()));
         state
             .drain
             .spawn_background(admin::serve(state.clone(), admin));
         // Then the transports.
+        let api = ApiProxy::new(&state.settings());
         state
             .drain
-            .spawn_session(listener::serve(state.clone(), clients));
+            .spawn_session(listener::serve(state.clone(), clients, api));
+        if let Some(posts) = posts {
+            state.drain.spawn_session(post::serve(state.clone(), posts));
+        }
         tracing::info!(
             listen = %addr,
             admin = %admin_addr,
             upstream = %state.settings().upstream.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+            upstream_http = %state.settings().upstream_http.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+            post_listen = %post_addr.map(|a| a.to_string()).unwrap_or_default(),
             "lifeguard started"
         );
         Ok(Proxy {
             addr,
             admin_addr,
+            post_addr,
             state,
         })
     }

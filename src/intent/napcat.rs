@@ -269,6 +269,22 @@ pub fn wanted(s: &Settings) -> Vec<Want> {
             port: Some(up.port),
         });
     }
+    if let Some(http) = &s.upstream_http {
+        out.push(Want {
+            lane: Lane::HttpApi,
+            kind: EntryKind::HttpServer,
+            name: None,
+            port: Some(http.port),
+        });
+    }
+    if let Some(post) = &s.post_listen {
+        out.push(Want {
+            lane: Lane::HttpPost,
+            kind: EntryKind::HttpClient,
+            name: None,
+            port: Some(post.port()),
+        });
+    }
     out
 }
 
@@ -737,6 +753,16 @@ impl Follower {
                     });
                 }
                 Some(_) => {}
+            }
+            let forward_followed = wanted.iter().any(|w| w.lane == Lane::Forward);
+            if want.lane == Lane::HttpApi && !forward_followed {
+                // Without a forward server to follow, the HTTP server's token is the one
+                // lifeguard presents (its port stays what --upstream-http says).
+                let token = entry
+                    .token
+                    .as_ref()
+                    .map(|t| Some(Secret::new(t.clone())).filter(|s| !s.expose().is_empty()));
+                overlay.token = token.or(current.token.clone());
             }
             if want.lane == Lane::Forward {
                 // Port and token: follow them.

@@ -87,6 +87,8 @@ impl Layers {
         next.listen = self.started_with.listen;
         next.admin_listen = self.started_with.admin_listen;
         next.log_format = self.started_with.log_format;
+        next.post_listen = self.started_with.post_listen;
+        next.post_url = self.started_with.post_url.clone();
         if next != *self.effective {
             self.effective = Arc::new(next);
         }

@@ -4,6 +4,8 @@
 //! transport owes a client when a session ends is [`policy`].
 //!
 //! - [`ws`]: WebSocket: the client handshake, the raw-frame pump, the forward relay.
+//! - [`http`]: HTTP: the API proxy and the event POST relay.
 
+pub mod http;
 pub mod policy;
 pub mod ws;
