@@ -178,7 +178,7 @@ settings! {
     post_retry_for: Duration = DEFAULT_POST_RETRY_FOR, from Duration, via positive("post_retry_for"), applied Live,
         arg(env = "LIFEGUARD_POST_RETRY_FOR", value_name = "DUR", value_parser = parse_duration),
         file(, deserialize_with = "de_duration");
-    /// Largest message a client may send, in bytes; larger ones close with 1009 [default: 67108864].
+    /// Largest message a client may send, in bytes (larger: Close 1009), and largest HTTP body read (larger: 413) [default: 67108864].
     max_message_size: usize = DEFAULT_MAX_MESSAGE_SIZE, from usize, via at_least("max_message_size", 1024), applied Live,
         arg(env = "LIFEGUARD_MAX_MESSAGE_SIZE", value_name = "BYTES"), file();
     /// NapCat's onebot11_<uin>.json (or its config directory) to follow `enable` in.
@@ -409,6 +409,126 @@ mod tests {
         assert!(UpstreamUrl::parse("wss://h:1").is_err());
         assert!(UpstreamUrl::parse("ws://h:99999").is_err());
         assert!(UpstreamUrl::parse("ws://:1").is_err());
+    }
+
+    #[test]
+    fn http_urls() {
+        let u = HttpUrl::parse("http://napcat:3000").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path_and_query.as_str()),
+            ("napcat", 3000, "/")
+        );
+        assert_eq!(
+            (u.to_string(), u.full()),
+            ("http://napcat:3000".into(), "http://napcat:3000/".into())
+        );
+        let u = HttpUrl::parse("http://[::1]:8080/onebot/v11/?k=s3cret").unwrap();
+        assert_eq!(u.base_path(), "/onebot/v11");
+        assert_eq!(u.full(), "http://[::1]:8080/onebot/v11/?k=s3cret");
+        assert_eq!(
+            u.to_string(),
+            "http://[::1]:8080/onebot/v11/?***",
+            "a query may hold a token"
+        );
+        assert_eq!(
+            HttpUrl::parse("http://h?x=1").unwrap().path_and_query,
+            "/?x=1"
+        );
+        assert_eq!(HttpUrl::parse("http://h").unwrap().port, 80);
+        for bad in [
+            "https://h:1",
+            "ws://h:1",
+            "http://:1",
+            "http://h:0",
+            "http://u:p@h:1/",
+            "http://h/#x",
+        ] {
+            assert!(HttpUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_transports_count_as_upstreams_and_come_whole() {
+        let http_only = RunArgs {
+            upstream_http: Some("http://127.0.0.1:3000".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&http_only, None).unwrap();
+        assert_eq!(s.upstream, None);
+        assert!(Settings::resolve(
+            &RunArgs {
+                upstream_http: Some("http://h:1?q=1".into()),
+                ..Default::default()
+            },
+            None
+        )
+        .is_err());
+        let mut post = RunArgs {
+            post_listen: Some("127.0.0.1:5700".parse().unwrap()),
+            ..Default::default()
+        };
+        let err = Settings::resolve(&post, None).unwrap_err().to_string();
+        assert!(
+            err.contains("post_listen needs at least one --post-url"),
+            "{err}"
+        );
+        post.post_url = Some(vec![
+            "http://bot:8080/onebot/v11/".into(),
+            "http://other/".into(),
+        ]);
+        post.post_secret = Some("in".into());
+        let s = Settings::resolve(&post, None).unwrap();
+        assert_eq!(s.post_url.len(), 2);
+        assert_eq!(
+            s.post_bot_secret.as_ref().unwrap().expose(),
+            "in",
+            "defaults to the post secret"
+        );
+        post.post_bot_secret = Some(String::new());
+        assert_eq!(
+            Settings::resolve(&post, None).unwrap().post_bot_secret,
+            None,
+            "\"\" signs nothing"
+        );
+        let urls_alone = RunArgs {
+            upstream: Some("ws://h:1".into()),
+            post_url: Some(vec!["http://bot/".into()]),
+            ..Default::default()
+        };
+        assert!(Settings::resolve(&urls_alone, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--post-listen"));
+        // One URL or a list in the file.
+        let f = parse_file_config("post_listen = \"127.0.0.1:5700\"\npost_url = \"http://bot/\"\n")
+            .unwrap();
+        assert_eq!(
+            Settings::resolve(&RunArgs::default(), Some(&f))
+                .unwrap()
+                .post_url
+                .len(),
+            1
+        );
+        let f = parse_file_config(
+            "post_listen = \"127.0.0.1:5700\"\npost_url = [\"http://a/\", \"http://b/\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Settings::resolve(&RunArgs::default(), Some(&f))
+                .unwrap()
+                .post_url
+                .len(),
+            2
+        );
+        let rendered = Settings::resolve(&post, None).unwrap().render();
+        assert!(
+            rendered.contains("post_url = http://bot:8080/onebot/v11/, http://other"),
+            "{rendered}"
+        );
+        assert!(
+            !rendered.contains("in\n") && rendered.contains("post_secret = ***"),
+            "{rendered}"
+        );
     }
 
     #[test]

@@ -209,6 +209,7 @@ impl fmt::Display for HttpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.path_and_query.split_once('?') {
             Some((path, _)) => write!(f, "http://{}{path}?***", self.authority()),
+            None if self.path_and_query == "/" => write!(f, "http://{}", self.authority()),
             None => write!(f, "http://{}{}", self.authority(), self.path_and_query),
         }
     }
