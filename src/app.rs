@@ -32,7 +32,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Bind both listeners and start serving. Errors are bind errors.
-    pub async fn start(settings: Settings) -> std::io::Result<Proxy> {
+    pub async fn start(mut settings: Settings) -> std::io::Result<Proxy> {
         let clients = bind(settings.listen, "").await?;
         let admin = bind(settings.admin_listen, " (admin)").await?;
         let posts = match settings.post_listen {
@@ -42,6 +42,11 @@ impl Proxy {
         let addr = clients.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let post_addr = posts.as_ref().map(|l| l.local_addr()).transpose()?;
+        // NapCat's POST client is found in its file by the port it posts to: the one
+        // bound, when the OS chose it.
+        if post_addr.is_some() {
+            settings.post_listen = post_addr;
+        }
         let state = State::new(settings);
 
         // Intent first: NapCat's file, then the probes.
