@@ -15,6 +15,10 @@
 //!   `--upstream` says), and its `token` → the token lifeguard presents to the backend,
 //!   unless the operator set `--upstream-token` explicitly: then theirs is kept and a
 //!   differing NapCat token is reported once, without the token.
+//! - the HTTP server on `--upstream-http`'s port (`httpServers[]`) is the HTTP API lane's
+//!   switch, and its token the one lifeguard presents when no forward server is followed;
+//!   the HTTP POST client whose URL points at `--post-listen`'s port (`httpClients[]`) is
+//!   the POST lane's switch.
 //!
 //! Which entry: both of NapCat's formats are understood. v4.1+ has lists
 //! (`network.websocketServers[]`, `websocketClients[]`, `httpServers[]`, `httpClients[]`):

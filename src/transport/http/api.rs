@@ -22,12 +22,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::{failure, hop_by_hop, unavailable, Resp};
+use super::{auth_refused, failure, hop_by_hop, unavailable, Resp};
 use crate::config::Settings;
 use crate::proto::auth;
 use crate::proto::onebot::Role;
 use crate::state::{Health, Lane, ProbeKind, State};
-use crate::transport::ws::handshake;
 
 /// Planned disables: how long a call already forwarded may take to be answered.
 const REPLY_GRACE: Duration = Duration::from_millis(500);
@@ -79,7 +78,7 @@ impl ApiProxy {
         // Auth before anything else; the credential goes nowhere.
         let presented = auth::presented_token(req.headers(), req.uri().query());
         if let Err(status) = auth::authorized(s.access_token.as_ref(), presented.as_deref()) {
-            return handshake::auth_refused(status);
+            return auth_refused(status);
         }
         let health = snap.lane(Lane::HttpApi);
         if !health.up {

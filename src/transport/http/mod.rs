@@ -42,6 +42,24 @@ pub fn failure(status: StatusCode, cause: &str, message: &str) -> Resp {
     r
 }
 
+/// 401 (no token) or 403 (wrong token), before anything reaches the backend.
+pub fn auth_refused(status: StatusCode) -> Resp {
+    let (cause, message) = if status == StatusCode::UNAUTHORIZED {
+        (
+            "unauthorized",
+            "missing access token (Authorization: Bearer <token> or ?access_token=)",
+        )
+    } else {
+        ("forbidden", "wrong access token")
+    };
+    let mut r = failure(status, cause, message);
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
 /// 503 with `Retry-After` while the lane cannot serve: the answer comes at once.
 pub fn unavailable(health: &Health, retry_after: u64) -> Resp {
     let mut r = failure(
