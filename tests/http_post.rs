@@ -593,3 +593,45 @@ async fn concurrent_posts_like_napcats_all_arrive_with_nothing_lost() {
     assert_eq!(got, want);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_bot_does_not_hold_up_shutdown_and_what_it_misses_is_counted() {
+    let s = Setup::start(
+        vec![Mode::NoContent, Mode::NoContent],
+        true,
+        |e| e,
+        |a| {
+            a.drain_timeout = Some(Duration::from_secs(5));
+        },
+    )
+    .await;
+    for bot in &s.bots {
+        bot.wait_count(1, SOON).await;
+    }
+    s.bots[1].down();
+    for seq in 1..=5 {
+        s.sim.emit_message(seq);
+    }
+    s.post.wait_finished(5).await;
+    s.bots[0].wait_count(6, SOON).await;
+    let state = s.proxy.state.clone();
+    let t0 = Instant::now();
+    let Setup {
+        sim, proxy, bots, ..
+    } = s;
+    assert!(proxy.shutdown().await, "drained within the budget");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // The live bot got its last `disable`; the dead one's backlog (5 events and the
+    // `disable`) is counted as dropped at shutdown.
+    assert_eq!(story(&bots[0]).last().map(String::as_str), Some("disable"));
+    let m = parse_metrics(&state.metrics.render(&[]));
+    assert_eq!(
+        metric(
+            &m,
+            "lifeguard_post_dropped_total",
+            &[("bot", "1"), ("reason", "shutdown")]
+        ),
+        Some(6.0)
+    );
+    sim.shutdown().await;
+}

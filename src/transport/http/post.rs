@@ -42,6 +42,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 
@@ -145,25 +146,59 @@ enum Reply {
     Lost(String),
 }
 
-/// The fields of an event the relay looks at; everything else passes untouched.
+/// The fields of an event the relay looks at, raw: any JSON object is an event, whatever
+/// the types of its fields, and everything passes untouched.
 #[derive(Deserialize)]
-struct EventHead<'a> {
-    #[serde(default)]
-    self_id: Option<u64>,
+pub struct EventHead<'a> {
     #[serde(default, borrow)]
-    post_type: Option<&'a str>,
+    self_id: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    meta_event_type: Option<&'a str>,
-    #[serde(default)]
-    interval: Option<u64>,
-    #[serde(default)]
-    status: Option<BeatStatus>,
+    post_type: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    meta_event_type: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    interval: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    status: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize)]
-struct BeatStatus {
-    #[serde(default)]
-    online: Option<bool>,
+impl<'a> EventHead<'a> {
+    /// The head of an event body: a JSON object, or why not. Pure, for fuzzing.
+    pub fn parse(body: &'a [u8]) -> Result<EventHead<'a>, String> {
+        if !body.trim_ascii_start().starts_with(b"{") {
+            return Err("not a JSON object".into());
+        }
+        serde_json::from_slice(body).map_err(|e| e.to_string())
+    }
+
+    /// A number, or a string holding one (some implementations send ids as strings).
+    fn number(v: Option<&RawValue>) -> Option<u64> {
+        v?.get().trim_matches('"').parse().ok()
+    }
+
+    fn is(v: Option<&RawValue>, s: &str) -> bool {
+        v.is_some_and(|v| v.get().strip_prefix('"').and_then(|r| r.strip_suffix('"')) == Some(s))
+    }
+
+    fn self_id(&self) -> Option<u64> {
+        Self::number(self.self_id)
+    }
+
+    fn post_type(&self) -> &str {
+        self.post_type
+            .map(|v| v.get().trim_matches('"'))
+            .unwrap_or("")
+    }
+
+    fn is_heartbeat(&self) -> bool {
+        Self::is(self.post_type, "meta_event") && Self::is(self.meta_event_type, "heartbeat")
+    }
+
+    /// `status.online` of a heartbeat.
+    fn online(&self) -> Option<bool> {
+        let status: serde_json::Value = serde_json::from_str(self.status?.get()).ok()?;
+        status.get("online")?.as_bool()
+    }
 }
 
 /// How one delivery attempt ended.
@@ -383,7 +418,7 @@ impl PostRelay {
             tracing::debug!(%peer, cause = %health.cause, "refused a POST: the backend is disabled");
             return unavailable(health, 1);
         }
-        let head: EventHead<'_> = match serde_json::from_slice(&body) {
+        let head = match EventHead::parse(&body) {
             Ok(h) => h,
             Err(e) => {
                 state.metrics.post_received("bad-request");
@@ -399,14 +434,14 @@ impl PostRelay {
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .or(head.self_id);
+            .or(head.self_id());
         if let Some(id) = self_id {
             self.learn_self_id(id);
         }
-        if head.post_type == Some("meta_event") && head.meta_event_type == Some("heartbeat") {
-            self.on_heartbeat(head.interval, head.status.and_then(|s| s.online));
+        if head.is_heartbeat() {
+            self.on_heartbeat(EventHead::number(head.interval), head.online());
         }
-        let post_type = head.post_type.unwrap_or("").to_string();
+        let post_type = head.post_type().to_string();
         state.metrics.post_received("accepted");
 
         let guard = state.sessions.open(Lane::HttpPost, Role::Event);
@@ -599,11 +634,10 @@ impl PostRelay {
             q.items.push_back(item);
             out
         };
+        let n = bot.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        bot.metrics.queued.set(n as i64);
         if let Some(old) = pushed_out {
             self.dropped(bot, old, "queue-full");
-        } else {
-            let n = bot.pending.fetch_add(1, Ordering::Relaxed) + 1;
-            bot.metrics.queued.set(n as i64);
         }
         bot.wake.notify_one();
     }
@@ -717,6 +751,12 @@ impl PostRelay {
                     }
                     if let Some(tx) = item.reply.take() {
                         let _ = tx.send(Reply::Lost(why));
+                    }
+                    if lock(&bot.queue).closing {
+                        // Shutting down: a failing bot gets no retries, or the shutdown
+                        // would wait for it (what is left is dropped, counted).
+                        self.dropped(bot, item, "shutdown");
+                        return;
                     }
                     tokio::select! {
                         _ = self.state.drain.hard_stopped() => {
@@ -928,5 +968,37 @@ async fn watch_beats(relay: Arc<PostRelay>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_json_object_is_an_event_and_its_head_is_read_leniently() {
+        let beat = br#"{"time":1,"self_id":"10001","post_type":"meta_event","meta_event_type":"heartbeat","status":{"online":false,"good":true},"interval":5000}"#;
+        let h = EventHead::parse(beat).unwrap();
+        assert_eq!(h.self_id(), Some(10001));
+        assert!(h.is_heartbeat());
+        assert_eq!(EventHead::number(h.interval), Some(5000));
+        assert_eq!(h.online(), Some(false));
+        let odd = br#"{"self_id":[1],"post_type":"message\u0021","status":"x"}"#;
+        let h = EventHead::parse(odd).unwrap();
+        assert_eq!(
+            (h.self_id(), h.is_heartbeat(), h.online()),
+            (None, false, None)
+        );
+        for bad in [&b"[1,2]"[..], b"{nope", b"", b"  1", b"\xff"] {
+            assert!(EventHead::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_change_is_announced_but_a_lane_never_up_owes_nothing() {
+        assert!(announcement_due(None, true));
+        assert!(!announcement_due(None, false));
+        assert!(announcement_due(Some(true), false));
+        assert!(!announcement_due(Some(false), false));
     }
 }
