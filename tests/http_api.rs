@@ -155,7 +155,7 @@ async fn while_the_backend_is_down_or_disabled_calls_fail_at_once() {
     wait_lane(&proxy, Lane::HttpApi, false).await;
     let r = call(proxy.addr, "GET", "/get_status", &auth, "").await;
     assert_eq!(r.status, 503, "{r:?}");
-    assert!(r.took < Duration::from_millis(200), "{:?}", r.took);
+    assert!(r.took < Duration::from_millis(500), "{:?}", r.took);
     assert!(r.header("retry-after").is_some(), "{r:?}");
     let v = r.json();
     assert_eq!(

@@ -74,7 +74,7 @@ async fn the_log_tells_what_happened_to_events_and_never_shows_a_secret() {
     primary.wait_count(2, SOON).await;
     // The primary goes away: quick operations are lost (logged), its queue overflows
     // (drops logged and counted).
-    primary.down();
+    primary.down().await;
     for seq in 2..=8 {
         sim.emit_message(seq);
     }

@@ -235,9 +235,11 @@ impl BotSim {
         *self.mode.lock().unwrap() = mode;
     }
 
-    /// Gone: the listener closes (connects are refused) and open connections drop.
-    pub fn down(&self) {
+    /// Gone: the listener closes (connects are refused) and open connections drop (given
+    /// a moment for their tasks to see it, so that nothing is answered after this returns).
+    pub async fn down(&self) {
         self.running.lock().unwrap().cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     /// Back on the same port.
