@@ -269,8 +269,9 @@ for rep in $(seq "$REPS"); do
 done
 if [[ ",${BENCH_SCENARIOS:-http}," == *",http,"* ]]; then
   : >"$OUT/http.jsonl"
+  NGINX_ARG=(); command -v nginx >/dev/null && NGINX_ARG=(--nginx "$(command -v nginx)")
   if ! timeout "$RUN_TIMEOUT" "$RELAY" http --lifeguard "$LIFEGUARD" --reps "$REPS" "${QFLAG[@]}" \
-      --out "$OUT/http.jsonl" --markdown "$OUT/http.md"; then
+      "${NGINX_ARG[@]}" --out "$OUT/http.jsonl" --markdown "$OUT/http.md"; then
     echo "run.sh: http FAILED" >&2
     FAILED=$((FAILED + 1))
   fi

@@ -53,6 +53,70 @@ pub struct HttpArgs {
     /// The table, written as well as printed.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// nginx, to measure it as a plain HTTP reverse proxy of the API beside lifeguard (a
+    /// reference: keep-alive upstream connections, no auth, no state).
+    #[arg(long)]
+    nginx: Option<PathBuf>,
+}
+
+/// nginx proxying the API to `upstream` (its own prefix directory under the temp dir).
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Nginx {
+    async fn start(bin: &PathBuf, upstream: SocketAddr) -> Res<Nginx> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("lifeguard-bench-nginx-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log error;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             upstream napcat {{ server {upstream}; keepalive 64; }}\n\
+             server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://napcat; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new(bin)
+            .args([
+                "-p",
+                &d.to_string(),
+                "-c",
+                &format!("{d}/nginx.conf"),
+                "-g",
+                "daemon off;",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let nginx = Nginx { child, addr, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).await.is_err() {
+            if Instant::now() > deadline {
+                return Err("nginx did not start".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(nginx)
+    }
 }
 
 /// A bot's receiver: counts what it gets, answers 204, can go away and come back.
@@ -323,16 +387,21 @@ pub async fn http_mode(a: HttpArgs) -> Res<()> {
     let bot = Bot::start().await?;
     let lg = Lifeguard::start(&a.lifeguard, &http_url, bot.addr)?;
     lg.wait_ready().await?;
+    let nginx = match &a.nginx {
+        Some(bin) => Some(Nginx::start(bin, http_addr).await?),
+        None => None,
+    };
     // The `enable` lifeguard sends at start.
     bot.wait(1, Duration::from_secs(10)).await?;
 
     let mut rows: Vec<serde_json::Value> = Vec::new();
     for rep in 1..=a.reps {
-        let order: [(&str, SocketAddr); 2] = if rep % 2 == 1 {
-            [("direct", http_addr), ("lifeguard", lg.listen)]
-        } else {
-            [("lifeguard", lg.listen), ("direct", http_addr)]
-        };
+        let mut order = vec![("direct", http_addr), ("lifeguard", lg.listen)];
+        if let Some(n) = &nginx {
+            order.push(("nginx", n.addr));
+        }
+        let k = order.len();
+        order.rotate_left((rep as usize - 1) % k);
         for (target, addr) in order {
             let v = api(target, addr, &z, rep).await?;
             record(&mut out, v.clone());
@@ -361,6 +430,7 @@ pub async fn http_mode(a: HttpArgs) -> Res<()> {
         std::fs::write(p, &table)?;
     }
     drop(lg);
+    drop(nginx);
     sim.shutdown().await;
     Ok(())
 }
@@ -563,7 +633,10 @@ fn table(rows: &[serde_json::Value], z: &Sizes, reps: u32) -> String {
         "HTTP transports, medians of {reps} repetition(s) ({} connections x {} get_status calls; {} posted events)\n\n",
         z.conns, z.calls, z.events
     ));
-    t.push_str("| | direct | lifeguard | added by lifeguard |\n|---|---|---|---|\n");
+    let nginx = rows.iter().any(|r| r["target"] == "nginx");
+    t.push_str(
+        "| | direct | lifeguard | added by lifeguard | nginx (API only) |\n|---|---|---|---|---|\n",
+    );
     for (label, scenario, key, unit) in [
         ("API p50 latency", "http-api", "p50_us", "µs"),
         ("API p99 latency", "http-api", "p99_us", "µs"),
@@ -576,8 +649,14 @@ fn table(rows: &[serde_json::Value], z: &Sizes, reps: u32) -> String {
         } else {
             format!("+{:.0} {unit}", l - d)
         };
+        let n = m(scenario, "nginx", key);
+        let n = if nginx && !n.is_nan() {
+            format!("{n:.0} {unit}")
+        } else {
+            "–".into()
+        };
         t.push_str(&format!(
-            "| {label} | {d:.0} {unit} | {l:.0} {unit} | {added} |\n"
+            "| {label} | {d:.0} {unit} | {l:.0} {unit} | {added} | {n} |\n"
         ));
     }
     if let Some(o) = rows.iter().find(|r| r["scenario"] == "http-post-outage") {
