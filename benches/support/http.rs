@@ -88,7 +88,8 @@ impl Nginx {
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             upstream napcat {{ server {upstream}; keepalive 64; }}\n\
+             keepalive_requests 1000000;\n\
+             upstream napcat {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n\
              server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://napcat; \
              proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n"
         );
