@@ -404,9 +404,14 @@ pub async fn http_mode(a: HttpArgs) -> Res<()> {
         let k = order.len();
         order.rotate_left((rep as usize - 1) % k);
         for (target, addr) in order {
-            let v = api(target, addr, &z, rep).await?;
-            record(&mut out, v.clone());
-            rows.push(v);
+            for (conns, calls, scenario) in [
+                (1, z.calls * 2, "http-api-1"),
+                (z.conns, z.calls, "http-api"),
+            ] {
+                let v = api(target, addr, conns, calls, z.warmup, scenario, rep).await?;
+                record(&mut out, v.clone());
+                rows.push(v);
+            }
         }
         for target in if rep % 2 == 1 {
             ["direct", "lifeguard"]
@@ -437,11 +442,19 @@ pub async fn http_mode(a: HttpArgs) -> Res<()> {
 }
 
 /// API calls: `conns` connections, one call at a time each.
-async fn api(target: &str, addr: SocketAddr, z: &Sizes, rep: u32) -> Res<serde_json::Value> {
-    let barrier = Arc::new(tokio::sync::Barrier::new(z.conns));
+async fn api(
+    target: &str,
+    addr: SocketAddr,
+    conns: usize,
+    calls: usize,
+    warmup: usize,
+    scenario: &str,
+    rep: u32,
+) -> Res<serde_json::Value> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(conns));
     let mut tasks = Vec::new();
-    for _ in 0..z.conns {
-        let (barrier, calls, warmup) = (barrier.clone(), z.calls, z.warmup);
+    for _ in 0..conns {
+        let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = Conn::open(addr).await?;
             for _ in 0..warmup {
@@ -474,7 +487,7 @@ async fn api(target: &str, addr: SocketAddr, z: &Sizes, rep: u32) -> Res<serde_j
         |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
     let secs = (end.ok_or("no call")? - start.ok_or("no call")?).as_secs_f64();
     Ok(serde_json::json!({
-        "scenario": "http-api", "target": target, "rep": rep, "conns": z.conns,
+        "scenario": scenario, "target": target, "rep": rep, "conns": conns,
         "calls": all.len(), "p50_us": pct(0.50), "p99_us": pct(0.99),
         "calls_per_s": all.len() as f64 / secs,
     }))
@@ -631,17 +644,45 @@ fn table(rows: &[serde_json::Value], z: &Sizes, reps: u32) -> String {
     };
     let mut t = String::new();
     t.push_str(&format!(
-        "HTTP transports, medians of {reps} repetition(s) ({} connections x {} get_status calls; {} posted events)\n\n",
-        z.conns, z.calls, z.events
+        "HTTP transports, medians of {reps} repetition(s) (get_status calls: 1 connection x {}, {} connections x {} each; {} posted events)\n\n",
+        z.calls * 2, z.conns, z.calls, z.events
     ));
     let nginx = rows.iter().any(|r| r["target"] == "nginx");
     t.push_str(
         "| | direct | lifeguard | added by lifeguard | nginx (API only) |\n|---|---|---|---|---|\n",
     );
     for (label, scenario, key, unit) in [
-        ("API p50 latency", "http-api", "p50_us", "µs"),
-        ("API p99 latency", "http-api", "p99_us", "µs"),
-        ("API calls/s", "http-api", "calls_per_s", ""),
+        (
+            "API p50 latency, 1 connection",
+            "http-api-1",
+            "p50_us",
+            "µs",
+        ),
+        (
+            "API p99 latency, 1 connection",
+            "http-api-1",
+            "p99_us",
+            "µs",
+        ),
+        ("API calls/s, 1 connection", "http-api-1", "calls_per_s", ""),
+        (
+            "API p50 latency, many connections",
+            "http-api",
+            "p50_us",
+            "µs",
+        ),
+        (
+            "API p99 latency, many connections",
+            "http-api",
+            "p99_us",
+            "µs",
+        ),
+        (
+            "API calls/s, many connections",
+            "http-api",
+            "calls_per_s",
+            "",
+        ),
         ("POST relay events/s", "http-post", "events_per_s", ""),
     ] {
         let (d, l) = (m(scenario, "direct", key), m(scenario, "lifeguard", key));
