@@ -30,7 +30,8 @@ TARGETS="direct lifeguard nginx haproxy floor"
 INSTALL=1
 RELEASE=""
 OUT=target/bench
-BASE_PORT=${BENCH_BASE_PORT:-19100}
+# Per run, so that two runs on one machine never measure each other's processes.
+BASE_PORT=${BENCH_BASE_PORT:-$((19100 + ($$ % 40) * 100))}
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;

@@ -16,6 +16,7 @@ use crate::config::{RunArgs, Settings};
 use crate::intent::{admin, napcat, probe, reload};
 use crate::state::State;
 use crate::transport::http::{api::ApiProxy, post};
+use crate::transport::notify;
 use crate::transport::ws::listener;
 
 /// How long start-up waits for NapCat's file before going on without it.
@@ -49,6 +50,8 @@ impl Proxy {
         }
         let state = State::new(settings);
 
+        // Webhooks follow the history from its first record (the first "up" included).
+        notify::start(&state);
         // Intent first: NapCat's file, then the probes.
         let first_read = napcat::start(&state);
         if tokio::time::timeout(NAPCAT_FIRST_READ, first_read)

@@ -3,6 +3,7 @@
 //! - [`gate`]: the lanes' states, derived purely from their inputs;
 //! - [`settings`]: the effective settings (lifeguard's own, NapCat's overlay on top);
 //! - [`sessions`]: the open sessions, counted, and the mass-disable sweep;
+//! - [`history`]: the lanes' recent transitions (status page, webhooks);
 //! - [`drain`]: every spawned task, and the shutdown order.
 //!
 //! Inputs and settings change under one lock; each change publishes one [`Snapshot`]
@@ -13,6 +14,7 @@
 
 pub mod drain;
 pub mod gate;
+pub mod history;
 pub mod sessions;
 pub mod settings;
 
@@ -26,6 +28,7 @@ use crate::metrics::Metrics;
 
 pub use drain::Drain;
 pub use gate::{Cause, Health, HealthSource, Lane, ProbeKind};
+pub use history::History;
 pub use sessions::{SessionGuard, SessionSet, SweepTicket};
 pub use settings::{Origin, Overlay};
 
@@ -107,6 +110,16 @@ pub struct BackendInfo {
     /// The raw `status` object of the latest heartbeat.
     pub status: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
+    /// The latest `bot_offline` notice: the account was kicked.
+    pub last_kick: Option<Kick>,
+}
+
+/// A `bot_offline` notice, as the backend sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kick {
+    pub tag: String,
+    pub message: String,
+    pub at: std::time::SystemTime,
 }
 
 /// A lane's transition, as published.
@@ -147,6 +160,8 @@ pub struct State {
     pub sessions: Arc<SessionSet>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
+    /// The configured lanes' recent transitions, in order.
+    pub history: History,
 }
 
 impl State {
@@ -162,7 +177,8 @@ impl State {
         });
         let metrics = Arc::new(Metrics::new());
         for lane in snap.configured() {
-            metrics.lane_configured(lane.as_str(), snap.lane(lane).up, &lane_roles(lane));
+            let h = snap.lane(lane);
+            metrics.lane_configured(lane.as_str(), h.up, h.cause.as_str(), &lane_roles(lane));
         }
         let (tx, _) = watch::channel(snap.clone());
         Arc::new(State {
@@ -179,6 +195,7 @@ impl State {
             sessions: Arc::new(SessionSet::new(metrics.clone())),
             metrics,
             drain: Drain::default(),
+            history: History::default(),
         })
     }
 
@@ -278,7 +295,43 @@ impl State {
         if self.lock().inputs.online == online {
             return;
         }
-        self.update(|c| c.inputs.online = online);
+        self.update(|c| {
+            c.inputs.online = online;
+            if online {
+                c.inputs.kicked = None;
+            }
+        });
+    }
+
+    /// The backend said the account was just kicked offline (a `bot_offline` notice):
+    /// offline at once, with the backend's words in the reason. Every event session gets
+    /// the same notice; only the first changes anything.
+    pub fn observe_kicked(&self, tag: &str, message: &str) {
+        let what = format!("{tag}: {message}");
+        {
+            let core = self.lock();
+            if !core.inputs.online && core.inputs.kicked.as_deref() == Some(what.as_str()) {
+                return;
+            }
+        }
+        tracing::warn!(
+            kick_tag = tag,
+            kick_message = message,
+            "the backend's QQ account was kicked offline (bot_offline notice)"
+        );
+        // Before the transition: sessions that hear of it look for the kick here.
+        self.backend.rcu(|cur| BackendInfo {
+            last_kick: Some(Kick {
+                tag: tag.to_string(),
+                message: message.to_string(),
+                at: std::time::SystemTime::now(),
+            }),
+            ..(**cur).clone()
+        });
+        self.update(|c| {
+            c.inputs.online = false;
+            c.inputs.kicked = Some(what);
+        });
     }
 
     /// What a session learned from a backend event. Cheap when nothing changed.
@@ -493,10 +546,34 @@ impl State {
             self.sessions.begin_sweep(&went_down);
         }
         let configured = configured_lanes(settings);
+        let self_id = self.backend.load().self_id;
         for t in &transitions {
             if configured.contains(&t.lane) {
-                self.metrics
-                    .transition(t.lane.as_str(), t.to.up, t.to.cause.as_str());
+                self.metrics.transition(
+                    t.lane.as_str(),
+                    t.to.up,
+                    t.from.cause.as_str(),
+                    t.to.cause.as_str(),
+                );
+                // The sessions the sweep just counted: every one of them is being closed.
+                let sessions_closed = if t.from.up && !t.to.up {
+                    self.sessions.open_by_role(t.lane).iter().sum()
+                } else {
+                    0
+                };
+                self.history.push(history::Record {
+                    seq: 0,
+                    at: t.to.since,
+                    lane: t.lane,
+                    up: t.to.up,
+                    cause: t.to.cause,
+                    reason: t.to.reason.clone(),
+                    previous_up: t.from.up,
+                    previous_cause: t.from.cause,
+                    previous_for: t.to.since_instant.duration_since(t.from.since_instant),
+                    sessions_closed,
+                    self_id,
+                });
             }
         }
         if !Arc::ptr_eq(settings, &old.settings) {
@@ -505,6 +582,7 @@ impl State {
                     self.metrics.lane_configured(
                         lane.as_str(),
                         lanes[lane.index()].up,
+                        lanes[lane.index()].cause.as_str(),
                         &lane_roles(lane),
                     );
                 }

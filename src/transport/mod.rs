@@ -3,9 +3,11 @@
 //! writes intent. A new transport is a new room here beside the others; what every
 //! transport owes a client when a session ends is [`policy`].
 //!
-//! - [`ws`]: WebSocket: the client handshake, the raw-frame pump, the forward relay.
-//! - [`http`]: HTTP: the API proxy and the event POST relay.
+//! - [`ws`]: WebSocket: the client handshake, the raw-frame pump, the forward relay;
+//! - [`http`]: HTTP: the API proxy and the event POST relay;
+//! - [`notify`]: webhooks, posting every transition the state records.
 
 pub mod http;
+pub mod notify;
 pub mod policy;
 pub mod ws;

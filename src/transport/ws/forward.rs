@@ -16,7 +16,7 @@ use super::pump::{Direction, Step};
 use crate::proto::auth;
 use crate::proto::onebot::{self, Kind};
 use crate::proto::ws::{self, FrameScanner};
-use crate::state::{SessionGuard, Snapshot, State, SweepTicket};
+use crate::state::{Cause, SessionGuard, Snapshot, State, SweepTicket};
 use crate::transport::policy::{self, End, Outcome, SessionInfo, Traffic, Verdict};
 
 /// Planned disables: how long replies to API calls already forwarded may take.
@@ -26,6 +26,8 @@ const BOUNDARY_GRACE: Duration = Duration::from_millis(200);
 /// Longest a session waits for the others' Close frames in a mass disable.
 const SWEEP_WAIT: Duration = Duration::from_millis(250);
 const FAR: Duration = Duration::from_secs(30 * 86400);
+/// A kick this recent is what took the lane down (the notice's copies arrive together).
+const KICK_RECENT: Duration = Duration::from_secs(2);
 
 /// What the session learned from the backend's own frames.
 struct Learned {
@@ -36,6 +38,19 @@ struct Learned {
     /// When the watchdog fires (set by a heartbeat).
     heartbeat_deadline: Option<Instant>,
     heartbeat_window: Duration,
+    /// This session relayed a `bot_offline` notice.
+    kick_seen: bool,
+    /// The lane went down because another session saw the account kicked: this one's copy
+    /// of the notice is on its way (NapCat sends it to every event connection at once), and
+    /// the bot should get it before `disable` (bots tell their owner from it).
+    await_kick: bool,
+}
+
+impl Learned {
+    /// Nothing more to wait for from a kick: none is expected, or its notice went through.
+    fn kick_heard(&self) -> bool {
+        !self.await_kick || self.kick_seen
+    }
 }
 
 /// A running session. Owns both sockets.
@@ -79,6 +94,8 @@ impl Session {
                 replies: 0,
                 heartbeat_deadline: None,
                 heartbeat_window: Duration::ZERO,
+                kick_seen: false,
+                await_kick: false,
             },
             started: Instant::now(),
             last_to_client: None,
@@ -129,6 +146,15 @@ impl Session {
                 if let Some(online) = online {
                     state.observe_online(online);
                 }
+            }
+            Kind::BotOffline {
+                self_id,
+                tag,
+                message,
+            } => {
+                learned.kick_seen = true;
+                state.observe_backend(self_id, None, None);
+                state.observe_kicked(&tag, &message);
             }
         }
     }
@@ -428,6 +454,17 @@ impl Session {
         }
         // Sessions ending because their lane went down take part in the sweep.
         let ticket = matches!(end, End::Down(_)).then(|| self.state.sessions.sweep_ticket());
+        if let End::Down(h) = &end {
+            self.learned.await_kick = h.cause == Cause::Offline
+                && self.info.role.gets_events()
+                && !self.learned.kick_seen
+                && self
+                    .state
+                    .backend()
+                    .last_kick
+                    .as_ref()
+                    .is_some_and(|k| k.at.elapsed().unwrap_or_default() < KICK_RECENT);
+        }
         let close_timeout = self.state.settings().close_timeout;
         let outcome = match &end {
             End::ClientClosed(code) => {
@@ -561,7 +598,10 @@ impl Session {
                 }
                 Step::SrcGone(_) | Step::DstGone(_) | Step::Violation(..) => return,
                 Step::Idle
-                    if !until_close && self.down.scanner.at_boundary() && !waiting_replies =>
+                    if !until_close
+                        && self.down.scanner.at_boundary()
+                        && !waiting_replies
+                        && self.learned.kick_heard() =>
                 {
                     // Everything already received has been handed over.
                     self.write_down(deadline).await;
