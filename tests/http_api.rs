@@ -340,3 +340,41 @@ async fn websocket_and_http_share_the_client_port() {
     proxy.shutdown().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_http_upstream_is_followed_on_reload() {
+    let old = http_sim(SimConfig::default(), HttpServerConfig::default()).await;
+    let new = http_sim(
+        SimConfig::default().with_self_id(42),
+        HttpServerConfig::default(),
+    )
+    .await;
+    let mut args = http_args();
+    args.upstream_http = old.http_url();
+    let proxy = start_proxy(args.clone()).await;
+    wait_lane(&proxy, Lane::HttpApi, true).await;
+    let r = call(proxy.addr, "GET", "/get_login_info", &[], "").await;
+    assert_eq!(r.json()["data"]["user_id"], old.self_id());
+    // lifeguard's config moves the HTTP upstream: a transition (cause config) until the new
+    // address answers its first probe, then calls go there.
+    args.upstream_http = new.http_url();
+    let change = proxy
+        .state
+        .set_base_settings(lifeguard::config::Settings::resolve(&args, None).unwrap());
+    assert_eq!(change.applied, ["upstream_http"]);
+    wait_lane(&proxy, Lane::HttpApi, true).await;
+    let r = call(proxy.addr, "GET", "/get_login_info", &[], "").await;
+    assert_eq!(r.json()["data"]["user_id"], 42);
+    let scrape = parse_metrics(&http(proxy.admin_addr, "GET", "/metrics").await.1);
+    assert_eq!(
+        metric(
+            &scrape,
+            "lifeguard_upstream_transitions_total",
+            &[("lane", "http-api"), ("cause", "config")]
+        ),
+        Some(1.0)
+    );
+    proxy.shutdown().await;
+    old.shutdown().await;
+    new.shutdown().await;
+}
