@@ -11,6 +11,8 @@
 //!   lifeguard the disable and detection times) and appends JSON lines to `--out`.
 //! * `report --input FILE`: medians with min and max over repetitions, ratios to `direct`
 //!   (and CPU to `haproxy`), one Markdown table.
+//! * `http --lifeguard PATH`: the HTTP transports (API proxy, POST relay, a bot outage)
+//!   beside direct calls, in one run ([`http`]).
 //!
 //! `cargo bench` passes `--bench`; it is ignored.
 
@@ -31,6 +33,9 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+#[path = "support/http.rs"]
+mod http;
 
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -61,6 +66,8 @@ enum Cmd {
         #[arg(long)]
         upstream: SocketAddr,
     },
+    /// Measure the HTTP transports (API proxy, POST relay, bot outage) against direct calls.
+    Http(Box<http::HttpArgs>),
     /// Aggregate JSON lines into the table.
     Report {
         #[arg(long)]
@@ -146,6 +153,7 @@ fn main() {
             Cmd::Run(args) => run_mode(*args).await,
             Cmd::Floor { listen, upstream } => floor_mode(listen, upstream).await,
             Cmd::Report { input, markdown } => report_mode(input, markdown),
+            Cmd::Http(args) => http::http_mode(*args).await,
         }
     });
     if let Err(e) = result {

@@ -6,9 +6,10 @@
 #                                  nginx/haproxy only if already installed)
 #   options: --reps N  --targets "direct lifeguard nginx haproxy floor"  --no-install
 #            --release (quick run with release builds)  --out DIR (default target/bench)
-#   env:     BENCH_SCENARIOS=idle,tput,rtt,rev,disable,detect (any subset; `rev` is reverse
-#            WebSocket: the simulator dials, the load generator is the bots; direct and
-#            lifeguard only)
+#   env:     BENCH_SCENARIOS=idle,tput,rtt,rev,disable,detect,http (any subset; `rev` is
+#            reverse WebSocket: the simulator dials, the load generator is the bots; direct and
+#            lifeguard only; http: the HTTP transports, `relay http`, once after the WebSocket
+#            targets, lifeguard vs direct)
 #            BENCH_LIFEGUARD=/path/to/lifeguard (A/B runs of another build)
 #            BENCH_LIFEGUARD_B=/path/to/lifeguard (target lifeguard-b: a second build in the
 #            same interleaved run, e.g. before/after a change)
@@ -275,6 +276,15 @@ for rep in $(seq "$REPS"); do
     stop_pid "$TARGET_PID"; TARGET_PID=""
   done
 done
+if [[ ",${BENCH_SCENARIOS:-http}," == *",http,"* ]]; then
+  : >"$OUT/http.jsonl"
+  NGINX_ARG=(); command -v nginx >/dev/null && NGINX_ARG=(--nginx "$(command -v nginx)")
+  if ! timeout "$RUN_TIMEOUT" "$RELAY" http --lifeguard "$LIFEGUARD" --reps "$REPS" "${QFLAG[@]}" \
+      "${NGINX_ARG[@]}" --out "$OUT/http.jsonl" --markdown "$OUT/http.md"; then
+    echo "run.sh: http FAILED" >&2
+    FAILED=$((FAILED + 1))
+  fi
+fi
 echo >&2
 echo "run.sh: $REPS repetition(s) of [$TARGETS] in $(($(date +%s) - START)) s; $FAILED failed run(s)" >&2
 "$RELAY" report --input "$RESULTS" --markdown "$OUT/table.md"

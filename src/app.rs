@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::config::{RunArgs, Settings};
 use crate::intent::{admin, napcat, probe, reload};
 use crate::state::State;
+use crate::transport::http::{api::ApiProxy, post};
 use crate::transport::notify;
 use crate::transport::ws::{listener, reverse};
 
@@ -27,12 +28,14 @@ pub struct Proxy {
     pub admin_addr: SocketAddr,
     /// Where backends dial in (reverse WebSocket), when configured.
     pub reverse_addr: Option<SocketAddr>,
+    /// Where the backend POSTs its events, when `--post-listen` is set.
+    pub post_addr: Option<SocketAddr>,
     pub state: Arc<State>,
 }
 
 impl Proxy {
     /// Bind both listeners and start serving. Errors are bind errors.
-    pub async fn start(settings: Settings) -> std::io::Result<Proxy> {
+    pub async fn start(mut settings: Settings) -> std::io::Result<Proxy> {
         let clients = bind(settings.listen, "").await?;
         let admin = bind(settings.admin_listen, " (admin)").await?;
         let backends = match settings.reverse_listen {
@@ -40,8 +43,21 @@ impl Proxy {
             None => None,
         };
         let reverse_addr = backends.as_ref().map(|l| l.local_addr()).transpose()?;
+        let posts = match settings.post_listen {
+            Some(a) => Some(bind(a, " (HTTP POST)").await?),
+            None => None,
+        };
         let addr = clients.local_addr()?;
         let admin_addr = admin.local_addr()?;
+        let post_addr = posts.as_ref().map(|l| l.local_addr()).transpose()?;
+        // NapCat's POST and reverse WebSocket clients are found in its file by the port
+        // they connect to: the one bound, when the OS chose it.
+        if post_addr.is_some() {
+            settings.post_listen = post_addr;
+        }
+        if reverse_addr.is_some() {
+            settings.reverse_listen = reverse_addr;
+        }
         let state = State::new(settings);
 
         // Webhooks follow the history from its first record (the first "up" included).
@@ -59,28 +75,38 @@ impl Proxy {
             .spawn_background(probe::run_prober(state.clone()));
         state
             .drain
+            .spawn_background(probe::run_http_prober(state.clone()));
+        state
+            .drain
             .spawn_background(probe::watch_login(state.clone()));
         state
             .drain
             .spawn_background(admin::serve(state.clone(), admin));
         // Then the transports.
+        let api = ApiProxy::new(&state.settings());
         state
             .drain
-            .spawn_session(listener::serve(state.clone(), clients));
+            .spawn_session(listener::serve(state.clone(), clients, api));
         if let Some(l) = backends {
             state.drain.spawn_session(reverse::serve(state.clone(), l));
+        }
+        if let Some(posts) = posts {
+            state.drain.spawn_session(post::serve(state.clone(), posts));
         }
         tracing::info!(
             listen = %addr,
             admin = %admin_addr,
             reverse_listen = %reverse_addr.map(|a| a.to_string()).unwrap_or_default(),
             upstream = %state.settings().upstream.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+            upstream_http = %state.settings().upstream_http.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+            post_listen = %post_addr.map(|a| a.to_string()).unwrap_or_default(),
             "lifeguard started"
         );
         Ok(Proxy {
             addr,
             admin_addr,
             reverse_addr,
+            post_addr,
             state,
         })
     }

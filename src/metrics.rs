@@ -20,6 +20,15 @@ use crate::proto::onebot::Role;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// One bot's pre-resolved series (the POST relay's hot path).
+#[derive(Clone)]
+pub struct PostBotMetrics {
+    bot: String,
+    pub delivered: Counter,
+    pub retries: Counter,
+    pub queued: Gauge,
+}
+
 /// Shards of the relayed-traffic counters: more than the worker threads there are.
 const SHARDS: usize = 16;
 
@@ -47,6 +56,14 @@ pub struct Metrics {
     sessions_closed: Family<Labels, Counter>,
     handshakes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
+    http_api_requests: Family<Labels, Counter>,
+    post_received: Family<Labels, Counter>,
+    post_delivered: Family<Labels, Counter>,
+    post_retries: Family<Labels, Counter>,
+    post_dropped: Family<Labels, Counter>,
+    post_queued: Family<Labels, Gauge>,
+    post_quick: Family<Labels, Counter>,
+    post_lifecycle: Family<Labels, Counter>,
     notify_delivered: Counter,
     notify_dropped: Family<Labels, Counter>,
     reverse_backends: Family<Labels, Gauge>,
@@ -97,6 +114,14 @@ impl Metrics {
         let bytes = Family::<Labels, Counter>::default();
         let handshakes = Family::<Labels, Counter>::default();
         let reloads = Family::<Labels, Counter>::default();
+        let http_api_requests = Family::<Labels, Counter>::default();
+        let post_received = Family::<Labels, Counter>::default();
+        let post_delivered = Family::<Labels, Counter>::default();
+        let post_retries = Family::<Labels, Counter>::default();
+        let post_dropped = Family::<Labels, Counter>::default();
+        let post_queued = Family::<Labels, Gauge>::default();
+        let post_quick = Family::<Labels, Counter>::default();
+        let post_lifecycle = Family::<Labels, Counter>::default();
         let notify_delivered = Counter::default();
         let notify_dropped = Family::<Labels, Counter>::default();
         let reverse_backends = Family::<Labels, Gauge>::default();
@@ -139,7 +164,7 @@ impl Metrics {
         );
         r.register(
             "probe_duration_seconds",
-            "Active probe (WebSocket handshake on /api) duration, by result",
+            "Active probe duration, by probe (ws: a handshake on /api; http: get_status) and result",
             probe_seconds.clone(),
         );
         r.register(
@@ -171,6 +196,46 @@ impl Metrics {
             "config_reloads",
             "Config reloads, by result",
             reloads.clone(),
+        );
+        r.register(
+            "http_api_requests",
+            "HTTP API calls answered on the client port, by HTTP status",
+            http_api_requests.clone(),
+        );
+        r.register(
+            "post_received",
+            "Event POSTs from the backend, by result (accepted, refused while disabled, unauthorized, forbidden, bad-request, too-large)",
+            post_received.clone(),
+        );
+        r.register(
+            "post_delivered",
+            "Events (the lifecycle ones included) a bot acknowledged with a 2xx, by bot (0 is the primary)",
+            post_delivered.clone(),
+        );
+        r.register(
+            "post_retries",
+            "Repeated attempts to deliver an event to a failing bot, by bot",
+            post_retries.clone(),
+        );
+        r.register(
+            "post_dropped",
+            "Events given up on for a bot, by bot and reason (queue-full, expired, rejected, shutdown)",
+            post_dropped.clone(),
+        );
+        r.register(
+            "post_queued",
+            "Events waiting for a bot (the one being sent included), by bot",
+            post_queued.clone(),
+        );
+        r.register(
+            "post_quick_operations",
+            "Backend POSTs answered with the primary bot's reply (relayed) or with 204 because it could not be had (lost)",
+            post_quick.clone(),
+        );
+        r.register(
+            "post_lifecycle",
+            "Lifecycle events lifeguard queued for a bot, by bot and sub_type (enable, disable)",
+            post_lifecycle.clone(),
         );
         r.register(
             "notify_delivered",
@@ -207,6 +272,14 @@ impl Metrics {
             sessions_closed,
             handshakes,
             reloads,
+            http_api_requests,
+            post_received,
+            post_delivered,
+            post_retries,
+            post_dropped,
+            post_queued,
+            post_quick,
+            post_lifecycle,
             notify_delivered,
             notify_dropped,
             reverse_backends,
@@ -251,11 +324,79 @@ impl Metrics {
             .inc();
     }
 
-    pub fn probe_done(&self, d: Duration, ok: bool) {
+    /// One probe (`ws` or `http`) took `d`.
+    pub fn probe_done(&self, probe: &'static str, d: Duration, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
         self.probe_seconds
-            .get_or_create(&l("result", result))
+            .get_or_create(&vec![
+                ("probe", probe.to_string()),
+                ("result", result.to_string()),
+            ])
             .observe(d.as_secs_f64());
+    }
+
+    /// An HTTP API call was answered with `status`.
+    pub fn http_api_answered(&self, status: u16) {
+        self.http_api_requests
+            .get_or_create(&l("status", status.to_string()))
+            .inc();
+    }
+
+    /// A POST from the backend, by what became of it.
+    pub fn post_received(&self, result: &'static str) {
+        self.post_received.get_or_create(&l("result", result)).inc();
+    }
+
+    /// The series of bot `bot` (its index in `--post-url`), created at once so that they
+    /// read 0 before anything happens; the hot-path handles.
+    pub fn post_bot(&self, bot: usize) -> PostBotMetrics {
+        let b = l("bot", bot.to_string());
+        for reason in ["queue-full", "expired", "rejected", "shutdown"] {
+            let _ = self.post_dropped.get_or_create(&vec![
+                ("bot", bot.to_string()),
+                ("reason", reason.to_string()),
+            ]);
+        }
+        for sub_type in ["enable", "disable"] {
+            let _ = self.post_lifecycle.get_or_create(&vec![
+                ("bot", bot.to_string()),
+                ("sub_type", sub_type.to_string()),
+            ]);
+        }
+        for result in ["relayed", "lost"] {
+            let _ = self.post_quick.get_or_create(&l("result", result));
+        }
+        PostBotMetrics {
+            bot: bot.to_string(),
+            delivered: self.post_delivered.get_or_create(&b).clone(),
+            retries: self.post_retries.get_or_create(&b).clone(),
+            queued: self.post_queued.get_or_create(&b).clone(),
+        }
+    }
+
+    /// `n` events were given up on for a bot.
+    pub fn post_dropped(&self, bot: &PostBotMetrics, reason: &'static str, n: u64) {
+        self.post_dropped
+            .get_or_create(&vec![
+                ("bot", bot.bot.clone()),
+                ("reason", reason.to_string()),
+            ])
+            .inc_by(n);
+    }
+
+    /// A lifecycle event was queued for a bot.
+    pub fn post_lifecycle(&self, bot: &PostBotMetrics, sub_type: &'static str) {
+        self.post_lifecycle
+            .get_or_create(&vec![
+                ("bot", bot.bot.clone()),
+                ("sub_type", sub_type.to_string()),
+            ])
+            .inc();
+    }
+
+    /// A backend POST got the primary's reply (`relayed`) or a 204 instead (`lost`).
+    pub fn post_quick(&self, result: &'static str) {
+        self.post_quick.get_or_create(&l("result", result)).inc();
     }
 
     pub fn session_opened(&self, transport: &'static str, role: Role) {

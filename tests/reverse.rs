@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{self, HeaderMap};
+use tokio_tungstenite::tungstenite::http::{self as ws_http, HeaderMap};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -106,7 +106,7 @@ impl Bot {
         let (tcp, _) = self.tcp().await;
         let _ = tokio_tungstenite::accept_hdr_async(tcp, |_: &Request, _: Response| {
             Err::<Response, _>(
-                http::Response::builder()
+                ws_http::Response::builder()
                     .status(status)
                     .body(None)
                     .expect("response"),

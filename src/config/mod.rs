@@ -21,7 +21,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use file::{parse_file_config, read_file_config};
-pub use values::{parse_duration, LogFormat, NotifyUrl, ReverseUrl, Secret, UpstreamUrl};
+pub use values::{parse_duration, HttpUrl, LogFormat, NotifyUrl, ReverseUrl, Secret, UpstreamUrl};
 
 use fields::settings;
 use values::*;
@@ -37,6 +37,10 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_POST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_POST_QUEUE: usize = 4096;
+pub const DEFAULT_POST_RETRY_FOR: Duration = Duration::from_secs(60);
 /// Exit status for a bad flag, value or config file (sysexits' EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
@@ -176,7 +180,38 @@ settings! {
     connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT, from Duration, via positive("connect_timeout"), applied Live,
         arg(env = "LIFEGUARD_CONNECT_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
         file(, deserialize_with = "de_duration");
-    /// Largest message a client may send, in bytes; larger ones close with 1009 [default: 67108864].
+    /// The backend's HTTP API server, http://host:port; requests on --listen that are not WebSocket upgrades go there.
+    upstream_http: Option<HttpUrl> = None, from String, via upstream_http_url, applied Live,
+        arg(env = "LIFEGUARD_UPSTREAM_HTTP", value_name = "URL"), file();
+    /// How long one proxied HTTP API call may take before the bot gets 504 [default: 30s].
+    http_timeout: Duration = DEFAULT_HTTP_TIMEOUT, from Duration, via positive("http_timeout"), applied Live,
+        arg(env = "LIFEGUARD_HTTP_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// Where the backend POSTs its events (its HTTP POST client's URL points here); unset: no POST relay.
+    post_listen: Option<SocketAddr> = None, from SocketAddr, via some, applied Restart,
+        arg(env = "LIFEGUARD_POST_LISTEN", value_name = "ADDR"), file();
+    /// Secret the backend signs its POSTs with (X-Signature, checked when set).
+    post_secret: Option<Secret> = None, from String, via secret, applied Live,
+        arg(env = "LIFEGUARD_POST_SECRET", value_name = "SECRET", hide_env_values = true), file();
+    /// A bot's HTTP POST URL (repeatable); the first is the primary, whose answers are quick operations.
+    post_url: Vec<HttpUrl> = Vec::new(), from Vec<String>, via post_urls, applied Restart,
+        arg(env = "LIFEGUARD_POST_URL", value_name = "URL", value_delimiter = ','),
+        file(, deserialize_with = "de_string_or_list");
+    /// Secret lifeguard signs its POSTs to the bots with [default: the post secret].
+    post_bot_secret: Option<Secret> = None, from String, via secret, applied Live,
+        arg(env = "LIFEGUARD_POST_BOT_SECRET", value_name = "SECRET", hide_env_values = true), file();
+    /// How long a bot may take to answer one POST; the backend waits that long for the primary's answer [default: 10s].
+    post_timeout: Duration = DEFAULT_POST_TIMEOUT, from Duration, via positive("post_timeout"), applied Live,
+        arg(env = "LIFEGUARD_POST_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// Events queued per bot while it is slow or failing; beyond that the oldest are dropped (counted) [default: 4096].
+    post_queue: usize = DEFAULT_POST_QUEUE, from usize, via at_least("post_queue", 1), applied Live,
+        arg(env = "LIFEGUARD_POST_QUEUE", value_name = "N"), file();
+    /// How long an event is retried for a failing bot before it is dropped (counted) [default: 60s].
+    post_retry_for: Duration = DEFAULT_POST_RETRY_FOR, from Duration, via positive("post_retry_for"), applied Live,
+        arg(env = "LIFEGUARD_POST_RETRY_FOR", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// Largest message a client may send, in bytes (larger: Close 1009), and largest HTTP body read (larger: 413) [default: 67108864].
     max_message_size: usize = DEFAULT_MAX_MESSAGE_SIZE, from usize, via at_least("max_message_size", 1024), applied Live,
         arg(env = "LIFEGUARD_MAX_MESSAGE_SIZE", value_name = "BYTES"), file();
     /// NapCat's onebot11_<uin>.json (or its config directory) to follow `enable` in.
@@ -278,16 +313,7 @@ impl Settings {
             .map(|(key, by_flag, message)| located(by_flag, key, src, message))
             .collect();
         let gives = |key: &str, in_file: bool| args.gives(key) || in_file;
-        let reverse = gives("reverse_listen", file.reverse_listen.is_some());
-        if s.upstream.is_none() && !gives("upstream", file.upstream.is_some()) && !reverse {
-            problems.insert(
-                0,
-                ConfigError::Invalid(
-                    "missing upstream: pass --upstream ws://host:port (forward WebSocket: lifeguard dials the backend), or --reverse-listen ADDR with --reverse-url URL (reverse WebSocket: the backend dials lifeguard, lifeguard dials the bots); each also as LIFEGUARD_* or a config file key"
-                        .into(),
-                ),
-            );
-        }
+        problems.splice(0..0, transport_problems(args, file));
         problems.extend(
             reverse_combination(&s, args, file)
                 .into_iter()
@@ -302,6 +328,10 @@ impl Settings {
         s.upstream_token_explicit = args.gives("upstream_token") || file.upstream_token.is_some();
         if !s.upstream_token_explicit && s.napcat_config.is_none() {
             s.upstream_token = s.access_token.clone();
+        }
+        // The bots' POSTs are signed like the backend's unless told otherwise.
+        if !args.gives("post_bot_secret") && file.post_bot_secret.is_none() {
+            s.post_bot_secret = s.post_secret.clone();
         }
         if problems.is_empty() {
             Ok(s)
@@ -376,6 +406,42 @@ fn reverse_combination(s: &Settings, args: &RunArgs, file: &FileConfig) -> Vec<S
     out
 }
 
+/// Which transports are configured, checked in one place: at least one, and each one whole.
+/// A key counts as given when it was given at all (a bad value is reported by its own
+/// conversion, not as missing).
+fn transport_problems(args: &RunArgs, file: &FileConfig) -> Vec<ConfigError> {
+    let given = |key: &str, in_file: bool| args.gives(key) || in_file;
+    let upstream = given("upstream", file.upstream.is_some());
+    let upstream_http = given("upstream_http", file.upstream_http.is_some());
+    let post_listen = given("post_listen", file.post_listen.is_some());
+    let reverse_listen = given("reverse_listen", file.reverse_listen.is_some());
+    let post_url = args.post_url.as_ref().or(file.post_url.as_ref());
+    let post_urls = post_url.is_some_and(|u| !u.is_empty());
+    let mut problems = Vec::new();
+    if !(upstream || upstream_http || post_listen || reverse_listen) {
+        problems.push(ConfigError::Invalid(
+            "missing upstream: pass --upstream ws://host:port (the backend's forward WebSocket: \
+             lifeguard dials it), --reverse-listen ADDR with --reverse-url URL (reverse WebSocket: \
+             the backend dials lifeguard, lifeguard dials the bots), --upstream-http \
+             http://host:port (its HTTP API) or --post-listen ADDR with --post-url URL (its HTTP \
+             POST), as flags, LIFEGUARD_* variables or config file keys"
+                .into(),
+        ));
+    }
+    if post_listen && !post_urls {
+        problems.push(ConfigError::Invalid(
+            "post_listen needs at least one --post-url http://bot:port/path to relay the events to"
+                .into(),
+        ));
+    }
+    if post_urls && !post_listen {
+        problems.push(ConfigError::Invalid(
+            "post_url needs --post-listen ADDR (where the backend POSTs its events)".into(),
+        ));
+    }
+    problems
+}
+
 /// A bad value, named by where it came from: the flag (or its env var), or the file's line.
 fn located(
     by_flag: bool,
@@ -428,6 +494,126 @@ mod tests {
         assert!(UpstreamUrl::parse("wss://h:1").is_err());
         assert!(UpstreamUrl::parse("ws://h:99999").is_err());
         assert!(UpstreamUrl::parse("ws://:1").is_err());
+    }
+
+    #[test]
+    fn http_urls() {
+        let u = HttpUrl::parse("http://napcat:3000").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path_and_query.as_str()),
+            ("napcat", 3000, "/")
+        );
+        assert_eq!(
+            (u.to_string(), u.full()),
+            ("http://napcat:3000".into(), "http://napcat:3000/".into())
+        );
+        let u = HttpUrl::parse("http://[::1]:8080/onebot/v11/?k=s3cret").unwrap();
+        assert_eq!(u.base_path(), "/onebot/v11");
+        assert_eq!(u.full(), "http://[::1]:8080/onebot/v11/?k=s3cret");
+        assert_eq!(
+            u.to_string(),
+            "http://[::1]:8080/onebot/v11/?***",
+            "a query may hold a token"
+        );
+        assert_eq!(
+            HttpUrl::parse("http://h?x=1").unwrap().path_and_query,
+            "/?x=1"
+        );
+        assert_eq!(HttpUrl::parse("http://h").unwrap().port, 80);
+        for bad in [
+            "https://h:1",
+            "ws://h:1",
+            "http://:1",
+            "http://h:0",
+            "http://u:p@h:1/",
+            "http://h/#x",
+        ] {
+            assert!(HttpUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_transports_count_as_upstreams_and_come_whole() {
+        let http_only = RunArgs {
+            upstream_http: Some("http://127.0.0.1:3000".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&http_only, None).unwrap();
+        assert_eq!(s.upstream, None);
+        assert!(Settings::resolve(
+            &RunArgs {
+                upstream_http: Some("http://h:1?q=1".into()),
+                ..Default::default()
+            },
+            None
+        )
+        .is_err());
+        let mut post = RunArgs {
+            post_listen: Some("127.0.0.1:5700".parse().unwrap()),
+            ..Default::default()
+        };
+        let err = Settings::resolve(&post, None).unwrap_err().to_string();
+        assert!(
+            err.contains("post_listen needs at least one --post-url"),
+            "{err}"
+        );
+        post.post_url = Some(vec![
+            "http://bot:8080/onebot/v11/".into(),
+            "http://other/".into(),
+        ]);
+        post.post_secret = Some("in".into());
+        let s = Settings::resolve(&post, None).unwrap();
+        assert_eq!(s.post_url.len(), 2);
+        assert_eq!(
+            s.post_bot_secret.as_ref().unwrap().expose(),
+            "in",
+            "defaults to the post secret"
+        );
+        post.post_bot_secret = Some(String::new());
+        assert_eq!(
+            Settings::resolve(&post, None).unwrap().post_bot_secret,
+            None,
+            "\"\" signs nothing"
+        );
+        let urls_alone = RunArgs {
+            upstream: Some("ws://h:1".into()),
+            post_url: Some(vec!["http://bot/".into()]),
+            ..Default::default()
+        };
+        assert!(Settings::resolve(&urls_alone, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--post-listen"));
+        // One URL or a list in the file.
+        let f = parse_file_config("post_listen = \"127.0.0.1:5700\"\npost_url = \"http://bot/\"\n")
+            .unwrap();
+        assert_eq!(
+            Settings::resolve(&RunArgs::default(), Some(&f))
+                .unwrap()
+                .post_url
+                .len(),
+            1
+        );
+        let f = parse_file_config(
+            "post_listen = \"127.0.0.1:5700\"\npost_url = [\"http://a/\", \"http://b/\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Settings::resolve(&RunArgs::default(), Some(&f))
+                .unwrap()
+                .post_url
+                .len(),
+            2
+        );
+        let rendered = Settings::resolve(&post, None).unwrap().render();
+        assert!(
+            rendered.contains("post_url = http://bot:8080/onebot/v11/, http://other"),
+            "{rendered}"
+        );
+        assert!(
+            !rendered.contains("in\n") && rendered.contains("post_secret = ***"),
+            "{rendered}"
+        );
     }
 
     #[test]

@@ -270,6 +270,88 @@ impl fmt::Display for ReverseUrl {
     }
 }
 
+/// An `http://` URL lifeguard calls: the backend's HTTP API server (`--upstream-http`) or a
+/// bot's HTTP POST receiver (`--post-url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// Host as written (brackets stripped from IPv6 literals).
+    pub host: String,
+    pub port: u16,
+    /// The path (at least `/`) and query, as written.
+    pub path_and_query: String,
+}
+
+impl HttpUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let Some(rest) = s.strip_prefix("http://") else {
+            return Err(if s.starts_with("https://") {
+                format!("{s:?}: https:// is not supported; lifeguard talks plain http:// beside the backend and the bots")
+            } else {
+                format!("{s:?} must start with http://, as in http://127.0.0.1:3000")
+            });
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if path.contains('#') {
+            return Err(format!("{s:?}: no fragment allowed"));
+        }
+        if authority.contains('@') {
+            return Err(format!("{s:?}: no user:password@ allowed"));
+        }
+        if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(format!(
+                "{s:?}: spaces and control characters must be percent-encoded"
+            ));
+        }
+        // Reuse the WebSocket URL's authority rules (IPv6 brackets, port range).
+        let u = UpstreamUrl::parse(&format!("ws://{authority}"))
+            .map_err(|e| e.replace(&format!("ws://{authority}"), s))?;
+        let path_and_query = match path {
+            "" => "/".to_string(),
+            p if p.starts_with('?') => format!("/{p}"),
+            p => p.to_string(),
+        };
+        Ok(HttpUrl {
+            host: u.host,
+            port: u.port,
+            path_and_query,
+        })
+    }
+
+    /// `host:port` as it goes into the Host header and into a connect call.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The path without the query, without a trailing `/`: the prefix API paths go under.
+    pub fn base_path(&self) -> &str {
+        let path = self.path_and_query.split('?').next().unwrap_or("");
+        path.trim_end_matches('/')
+    }
+
+    /// The whole URL, for requests (may carry a secret in its query: never log it).
+    pub fn full(&self) -> String {
+        format!("http://{}{}", self.authority(), self.path_and_query)
+    }
+}
+
+impl fmt::Display for HttpUrl {
+    /// The URL with any query masked: a query may carry a token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.path_and_query.split_once('?') {
+            Some((path, _)) => write!(f, "http://{}{path}?***", self.authority()),
+            None if self.path_and_query == "/" => write!(f, "http://{}", self.authority()),
+            None => write!(f, "http://{}{}", self.authority(), self.path_and_query),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -322,6 +404,21 @@ pub fn reverse_urls(v: Vec<String>) -> Result<Vec<ReverseUrl>, String> {
         out.push(url);
     }
     Ok(out)
+}
+
+pub fn upstream_http_url(v: String) -> Result<Option<HttpUrl>, String> {
+    let u = HttpUrl::parse(&v).map_err(|e| format!("upstream_http {e}"))?;
+    if u.path_and_query.contains('?') {
+        return Err(format!("upstream_http {v:?}: no query allowed"));
+    }
+    Ok(Some(u))
+}
+
+/// Bots' POST URLs; every one must parse.
+pub fn post_urls(v: Vec<String>) -> Result<Vec<HttpUrl>, String> {
+    v.iter()
+        .map(|u| HttpUrl::parse(u.trim()).map_err(|e| format!("post_url {e}")))
+        .collect()
 }
 
 /// serde's side of a repeatable setting: one string or a list of them.
@@ -436,6 +533,7 @@ render_display!(
     UpstreamUrl,
     NotifyUrl,
     ReverseUrl,
+    HttpUrl,
     Secret
 );
 

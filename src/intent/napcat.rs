@@ -15,6 +15,10 @@
 //!   `--upstream` says), and its `token` → the token lifeguard presents to the backend,
 //!   unless the operator set `--upstream-token` explicitly: then theirs is kept and a
 //!   differing NapCat token is reported once, without the token.
+//! - the HTTP server on `--upstream-http`'s port (`httpServers[]`) is the HTTP API lane's
+//!   switch, and its token the one lifeguard presents when no forward server is followed;
+//!   the HTTP POST client whose URL points at `--post-listen`'s port (`httpClients[]`) is
+//!   the POST lane's switch.
 //!
 //! Which entry: both of NapCat's formats are understood. v4.1+ has lists
 //! (`network.websocketServers[]`, `websocketClients[]`, `httpServers[]`, `httpClients[]`):
@@ -275,6 +279,22 @@ pub fn wanted(s: &Settings) -> Vec<Want> {
             kind: EntryKind::WsClient,
             name: None,
             port: Some(addr.port()),
+        });
+    }
+    if let Some(http) = &s.upstream_http {
+        out.push(Want {
+            lane: Lane::HttpApi,
+            kind: EntryKind::HttpServer,
+            name: None,
+            port: Some(http.port),
+        });
+    }
+    if let Some(post) = &s.post_listen {
+        out.push(Want {
+            lane: Lane::HttpPost,
+            kind: EntryKind::HttpClient,
+            name: None,
+            port: Some(post.port()),
         });
     }
     out
@@ -745,6 +765,16 @@ impl Follower {
                     });
                 }
                 Some(_) => {}
+            }
+            let forward_followed = wanted.iter().any(|w| w.lane == Lane::Forward);
+            if want.lane == Lane::HttpApi && !forward_followed {
+                // Without a forward server to follow, the HTTP server's token is the one
+                // lifeguard presents (its port stays what --upstream-http says).
+                let token = entry
+                    .token
+                    .as_ref()
+                    .map(|t| Some(Secret::new(t.clone())).filter(|s| !s.expose().is_empty()));
+                overlay.token = token.or(current.token.clone());
             }
             if want.lane == Lane::Forward {
                 // Port and token: follow them.

@@ -3,6 +3,10 @@
 //! - the active prober: a WebSocket handshake on the backend's `/api` every
 //!   `probe_interval` (sooner when a session's backend socket failed), counted against
 //!   `fall`/`rise`;
+//! - the HTTP prober, beside it when `--upstream-http` is set: `get_status` on the
+//!   backend's HTTP API server over a fresh connection (a switched-off NapCat refuses new
+//!   ones), whose `data.online` is also the account state, and `get_login_info` while the
+//!   bot's self id is unknown (the POST relay's lifecycle events need it);
 //! - the login watch: while the backend is down because QQ is logged out, no session is
 //!   open to see a heartbeat saying it is back, so `get_status` on `/api` asks.
 
@@ -28,7 +32,7 @@ pub async fn run_prober(state: Arc<State>) {
         tokio::select! {
             _ = state.drain.hard_stopped() => return,
             _ = tokio::time::sleep(wait) => {}
-            _ = state.probe_kicked() => {
+            _ = state.probe_kicked(ProbeKind::Ws) => {
                 tokio::select! {
                     _ = state.drain.hard_stopped() => return,
                     _ = tokio::time::sleep(MIN_PROBE_GAP.saturating_sub(last.elapsed())) => {}
@@ -46,11 +50,171 @@ pub async fn run_prober(state: Arc<State>) {
             _ = state.drain.hard_stopped() => return,
             r = probe_once(&s) => r,
         };
-        state.metrics.probe_done(last.elapsed(), result.is_ok());
+        state
+            .metrics
+            .probe_done("ws", last.elapsed(), result.is_ok());
         if let Err(e) = &result {
             tracing::debug!(error = %e, "probe failed");
         }
         state.observe_probe(ProbeKind::Ws, epoch, result);
+    }
+}
+
+/// Probe the backend's HTTP API server until the hard stop; idle while none is configured.
+pub async fn run_http_prober(state: Arc<State>) {
+    let mut last = Instant::now() - Duration::from_secs(3600);
+    loop {
+        let interval = state.settings().probe_interval;
+        let wait = interval.saturating_sub(last.elapsed());
+        tokio::select! {
+            _ = state.drain.hard_stopped() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.probe_kicked(ProbeKind::Http) => {
+                tokio::select! {
+                    _ = state.drain.hard_stopped() => return,
+                    _ = tokio::time::sleep(MIN_PROBE_GAP.saturating_sub(last.elapsed())) => {}
+                }
+            }
+        }
+        last = Instant::now();
+        let (epoch, s) = state.probe_target(ProbeKind::Http);
+        if s.upstream_http.is_none() {
+            continue;
+        }
+        let want_login = state.backend().self_id.is_none();
+        let result = tokio::select! {
+            _ = state.drain.hard_stopped() => return,
+            r = tokio::time::timeout(s.probe_timeout, http_probe_once(&state, &s, want_login)) => {
+                r.unwrap_or_else(|_| Err(format!(
+                    "the backend's HTTP API did not answer get_status within {} ms",
+                    s.probe_timeout.as_millis()
+                )))
+            }
+        };
+        state
+            .metrics
+            .probe_done("http", last.elapsed(), result.is_ok());
+        let result = match result {
+            Ok(seen) => {
+                if let Some(online) = seen.online {
+                    state.observe_online(online);
+                }
+                if seen.self_id.is_some() {
+                    state.observe_backend(seen.self_id, None, None);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "HTTP probe failed");
+                Err(e)
+            }
+        };
+        state.observe_probe(ProbeKind::Http, epoch, result);
+    }
+}
+
+/// What one HTTP probe learned besides "it answers".
+#[derive(Debug, Default)]
+struct HttpSeen {
+    online: Option<bool>,
+    self_id: Option<u64>,
+}
+
+/// `get_status` (and, when asked, `get_login_info`) on a fresh connection.
+async fn http_probe_once(
+    state: &State,
+    s: &Settings,
+    want_login: bool,
+) -> Result<HttpSeen, String> {
+    use hyper_util::rt::TokioIo;
+    let Some(url) = &s.upstream_http else {
+        return Err("no HTTP upstream configured".into());
+    };
+    let authority = url.authority();
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .map_err(|e| format!("cannot connect to the backend's HTTP API: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP handshake with the backend failed: {e}"))?;
+    let limit = s.probe_timeout + Duration::from_secs(1);
+    state.drain.spawn_background(async move {
+        let _ = tokio::time::timeout(limit, conn).await;
+    });
+    let status = http_call(&mut sender, s, "get_status").await?;
+    let mut seen = HttpSeen {
+        online: status.pointer("/data/online").and_then(Value::as_bool),
+        self_id: None,
+    };
+    if want_login {
+        // Best effort: the probe is about get_status.
+        if let Ok(login) = http_call(&mut sender, s, "get_login_info").await {
+            seen.self_id = login.pointer("/data/user_id").and_then(Value::as_u64);
+        }
+    }
+    Ok(seen)
+}
+
+/// One OneBot call on the probe's connection: the answer when it says `retcode` 0.
+async fn http_call(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    s: &Settings,
+    action: &str,
+) -> Result<Value, String> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let Some(url) = &s.upstream_http else {
+        return Err("no HTTP upstream configured".into());
+    };
+    let mut req = hyper::Request::get(format!("{}/{action}", url.base_path()))
+        .header(hyper::header::HOST, url.authority());
+    if let Some(t) = &s.upstream_token {
+        req = req.header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {}", t.expose()),
+        );
+    }
+    let req = req
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("bad request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("the backend's HTTP API failed: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = Limited::new(resp.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| format!("the backend's HTTP API failed mid-answer: {e}"))?
+        .to_bytes();
+    let v: Option<Value> = serde_json::from_slice(&body).ok();
+    let message = v
+        .as_ref()
+        .and_then(|v| v.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    match (status, v) {
+        (401 | 403, _) => Err(format!(
+            "the backend's HTTP API refused lifeguard's token (HTTP {status}{})",
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(": {message}")
+            }
+        )),
+        (200, Some(v)) if v.get("retcode").and_then(Value::as_i64) == Some(0) => Ok(v),
+        (200, Some(_)) if message == "Server is closed" => {
+            Err("the backend's HTTP server is switched off (Server is closed)".into())
+        }
+        (200, Some(v)) => Err(format!(
+            "{action} failed on the backend's HTTP API: retcode {}: {message}",
+            v.get("retcode").map(|r| r.to_string()).unwrap_or_default()
+        )),
+        (200, None) => Err(format!(
+            "{action} on the backend's HTTP API: not a JSON answer"
+        )),
+        (status, _) => Err(format!("{action} on the backend's HTTP API: HTTP {status}")),
     }
 }
 

@@ -238,10 +238,16 @@ pub fn now_secs() -> u64 {
 
 /// The lifecycle `disable` event, in NapCat's field order.
 pub fn disable_event(self_id: u64) -> String {
+    lifecycle_event(self_id, "disable")
+}
+
+/// A lifecycle meta event (`enable`, `disable`, `connect`), in NapCat's field order.
+pub fn lifecycle_event(self_id: u64, sub_type: &str) -> String {
     format!(
-        "{{\"time\":{},\"self_id\":{},\"post_type\":\"meta_event\",\"meta_event_type\":\"lifecycle\",\"sub_type\":\"disable\"}}",
+        "{{\"time\":{},\"self_id\":{},\"post_type\":\"meta_event\",\"meta_event_type\":\"lifecycle\",\"sub_type\":\"{}\"}}",
         now_secs(),
-        self_id
+        self_id,
+        sub_type
     )
 }
 

@@ -131,6 +131,10 @@ pub enum HealthSource {
     /// Each connection's own (the backend dials in: socket, heartbeats, account state are
     /// that session's business), so the lane itself follows intent only.
     OwnConnections,
+    /// The heartbeats the backend POSTs (go-cqhttp, Lagrange; NapCat sends none): down when
+    /// they stop, or say QQ is offline; up while they come or when none were ever seen,
+    /// since a backend that posts no heartbeats gives nothing else to judge by.
+    Heartbeats,
 }
 
 /// One lane's state. Immutable; a change makes a new one.
@@ -219,6 +223,9 @@ pub(super) struct Inputs {
     pub probe_epoch: [u64; ProbeKind::COUNT],
     /// QQ login state, as the backend last told.
     pub online: bool,
+    /// The backend's POSTed heartbeats stopped (why); `None` while they come or if none
+    /// was ever seen.
+    pub beats_lapsed: Option<String>,
     /// What the backend said when it kicked the account offline (a `bot_offline`
     /// notice's tag and message); cleared when the account is back online.
     pub kicked: Option<String>,
@@ -237,6 +244,7 @@ impl Inputs {
             probes: Default::default(),
             probe_epoch: [0; ProbeKind::COUNT],
             online: true,
+            beats_lapsed: None,
             kicked: None,
             offline_is_down,
         }
@@ -297,9 +305,24 @@ pub(super) fn derive(i: &Inputs, lane: Lane) -> (bool, Cause, String) {
         match i.sources[lane.index()] {
             HealthSource::Probe(kind) => probed(i, kind),
             HealthSource::OwnConnections => (Cause::Healthy, "accepting".to_string()),
+            HealthSource::Heartbeats => beats(i),
         }
     };
     (cause == Cause::Healthy, cause, reason)
+}
+
+/// Health from the heartbeats the backend POSTs, then the account state.
+fn beats(i: &Inputs) -> (Cause, String) {
+    if let Some(why) = &i.beats_lapsed {
+        (Cause::Unhealthy, format!("backend unhealthy: {why}"))
+    } else if !i.online && i.offline_is_down {
+        (
+            Cause::Offline,
+            "the backend's QQ account is offline (heartbeat status.online = false)".to_string(),
+        )
+    } else {
+        (Cause::Healthy, "accepting the backend's POSTs".to_string())
+    }
 }
 
 /// Health from an active probe, then the account state.
@@ -418,5 +441,35 @@ mod tests {
         for lane in Lane::ALL {
             assert_eq!(state(&i, lane), (false, Cause::Admin), "{lane:?}");
         }
+    }
+
+    #[test]
+    fn posted_heartbeats_judge_a_post_only_backend() {
+        let mut i = Inputs::new(true, true);
+        i.sources[Lane::HttpPost.index()] = HealthSource::Heartbeats;
+        let post = |i: &Inputs| {
+            let (up, cause, _) = derive(i, Lane::HttpPost);
+            (up, cause)
+        };
+        // No heartbeat ever seen (NapCat posts none): intent only.
+        assert_eq!(post(&i), (true, Cause::Healthy));
+        i.beats_lapsed = Some("no heartbeat for 12500 ms".into());
+        assert_eq!(post(&i), (false, Cause::Unhealthy));
+        assert!(derive(&i, Lane::HttpPost).2.contains("12500 ms"));
+        i.beats_lapsed = None;
+        i.online = false;
+        assert_eq!(post(&i), (false, Cause::Offline));
+        i.online = true;
+        i.napcat_off[Lane::HttpPost.index()] = Some("httpClients off".into());
+        assert_eq!(post(&i), (false, Cause::NapcatConfig));
+        i.napcat_off = Default::default();
+        i.admin_enabled = false;
+        assert_eq!(post(&i), (false, Cause::Admin));
+        // A probed POST lane follows its probe instead.
+        i.admin_enabled = true;
+        i.sources[Lane::HttpPost.index()] = HealthSource::Probe(ProbeKind::Http);
+        assert_eq!(post(&i), (false, Cause::Starting));
+        i.observe_probe(ProbeKind::Http, Ok(()), 2, 2);
+        assert_eq!(post(&i), (true, Cause::Healthy));
     }
 }

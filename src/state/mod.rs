@@ -81,13 +81,32 @@ pub fn configured_lanes(s: &Settings) -> Vec<Lane> {
     if s.reverse_listen.is_some() {
         lanes.push(Lane::Reverse);
     }
+    if s.upstream_http.is_some() {
+        lanes.push(Lane::HttpApi);
+    }
+    if s.post_listen.is_some() {
+        lanes.push(Lane::HttpPost);
+    }
     lanes
 }
 
 /// Where each lane's health comes from under `s`.
-fn health_sources(_s: &Settings) -> [HealthSource; Lane::COUNT] {
-    gate::default_sources()
+fn health_sources(s: &Settings) -> [HealthSource; Lane::COUNT] {
+    let mut sources = gate::default_sources();
+    // The POST lane has no connection of its own to the backend to watch: its HTTP API
+    // when there is one, else its forward WebSocket server, else the heartbeats it posts.
+    sources[Lane::HttpPost.index()] = if s.upstream_http.is_some() {
+        HealthSource::Probe(ProbeKind::Http)
+    } else if s.upstream.is_some() {
+        HealthSource::Probe(ProbeKind::Ws)
+    } else {
+        HealthSource::Heartbeats
+    };
+    sources
 }
+
+/// A transport's own figures for `/state` (queues, bots...), produced on demand.
+pub type LaneDetail = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// What the backend last told about itself (from its own events).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -138,8 +157,10 @@ pub struct State {
     core: Mutex<Core>,
     snapshot: ArcSwap<Snapshot>,
     tx: watch::Sender<Arc<Snapshot>>,
-    /// A passive failure (a session's backend socket died): probe now.
-    probe_now: Notify,
+    /// A passive failure (a session's backend socket died): probe now; one per probe.
+    probe_now: [Notify; ProbeKind::COUNT],
+    /// Per lane, what its transport adds to `/state`.
+    details: Mutex<[Option<LaneDetail>; Lane::COUNT]>,
     backend: ArcSwap<BackendInfo>,
     pub sessions: Arc<SessionSet>,
     /// Reverse WebSocket backends connected now, by self id and role.
@@ -175,7 +196,8 @@ impl State {
             }),
             snapshot: ArcSwap::new(snap),
             tx,
-            probe_now: Notify::new(),
+            probe_now: [Notify::new(), Notify::new()],
+            details: Mutex::new(Default::default()),
             backend: ArcSwap::from_pointee(BackendInfo::default()),
             sessions: Arc::new(SessionSet::new(metrics.clone())),
             backends: Arc::new(BackendSet::new(metrics.clone())),
@@ -351,12 +373,39 @@ impl State {
 
     /// A session's backend socket failed: probe now instead of at the next interval.
     pub fn kick_probe(&self) {
-        self.probe_now.notify_one();
+        for n in &self.probe_now {
+            n.notify_one();
+        }
     }
 
-    /// Resolves when a probe was asked for.
-    pub async fn probe_kicked(&self) {
-        self.probe_now.notified().await
+    /// A request on one probe's address failed: run that probe now.
+    pub fn kick_probe_of(&self, kind: ProbeKind) {
+        self.probe_now[kind.index()].notify_one();
+    }
+
+    /// Resolves when probe `kind` was asked for.
+    pub async fn probe_kicked(&self, kind: ProbeKind) {
+        self.probe_now[kind.index()].notified().await
+    }
+
+    /// The heartbeats the backend POSTs stopped (why), or came again (`None`).
+    pub fn observe_beats(&self, lapsed: Option<String>) {
+        if self.lock().inputs.beats_lapsed == lapsed {
+            return;
+        }
+        self.update(|c| c.inputs.beats_lapsed = lapsed);
+    }
+
+    /// A transport's figures for its lane in `/state`.
+    pub fn set_lane_detail(&self, lane: Lane, detail: LaneDetail) {
+        let mut d = self.details.lock().unwrap_or_else(|e| e.into_inner());
+        d[lane.index()] = Some(detail);
+    }
+
+    /// What the lane's transport adds to `/state`, if anything (computed now, no lock held).
+    pub fn lane_detail(&self, lane: Lane) -> Option<serde_json::Value> {
+        let f = self.details.lock().unwrap_or_else(|e| e.into_inner())[lane.index()].clone();
+        f.map(|f| f())
     }
 
     /// Stop accepting, tell every session lifeguard is going away, and wait for them
@@ -408,6 +457,17 @@ impl State {
                     ),
                 };
                 c.inputs.retarget(ProbeKind::Ws, by, reason);
+            }
+            if before.upstream_http != after.upstream_http && after.upstream_http.is_some() {
+                let reason = format!(
+                    "lifeguard's config moved the HTTP upstream to {}",
+                    after
+                        .upstream_http
+                        .as_ref()
+                        .map(|u| u.to_string())
+                        .unwrap_or_default()
+                );
+                c.inputs.retarget(ProbeKind::Http, Cause::Config, reason);
             }
             c.inputs.sources = health_sources(&after);
             c.inputs.config_enabled = after.enabled;
@@ -552,7 +612,8 @@ fn lane_roles(lane: Lane) -> Vec<crate::proto::onebot::Role> {
     use crate::proto::onebot::Role;
     match lane {
         Lane::Forward | Lane::Reverse => vec![Role::Api, Role::Event, Role::Universal],
-        Lane::HttpApi | Lane::HttpPost => vec![],
+        Lane::HttpApi => vec![Role::Api],
+        Lane::HttpPost => vec![Role::Event],
     }
 }
 

@@ -88,6 +88,8 @@ impl Layers {
         next.admin_listen = self.started_with.admin_listen;
         next.reverse_listen = self.started_with.reverse_listen;
         next.log_format = self.started_with.log_format;
+        next.post_listen = self.started_with.post_listen;
+        next.post_url = self.started_with.post_url.clone();
         if next != *self.effective {
             self.effective = Arc::new(next);
         }

@@ -4,8 +4,10 @@
 //! transport owes a client when a session ends is [`policy`].
 //!
 //! - [`ws`]: WebSocket: the client handshake, the raw-frame pump, the forward relay;
+//! - [`http`]: HTTP: the API proxy and the event POST relay;
 //! - [`notify`]: webhooks, posting every transition the state records.
 
+pub mod http;
 pub mod notify;
 pub mod policy;
 pub mod ws;

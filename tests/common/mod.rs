@@ -17,6 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod http;
+
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A generous bound for anything that should happen "at once".

@@ -117,10 +117,11 @@ pub fn state_json(state: &State) -> serde_json::Value {
     let backend = state.backend();
     let mut lanes = serde_json::Map::new();
     for lane in snap.configured() {
-        lanes.insert(
-            lane.as_str().to_string(),
-            lane_json(snap.lane(lane), state.sessions.open_by_role(lane)),
-        );
+        let mut v = lane_json(snap.lane(lane), state.sessions.open_by_role(lane));
+        if let Some(detail) = state.lane_detail(lane) {
+            v["detail"] = detail;
+        }
+        lanes.insert(lane.as_str().to_string(), v);
     }
     if let Some(reverse) = lanes.get_mut(Lane::Reverse.as_str()) {
         reverse["backends"] = reverse_backends_json(state);
@@ -131,6 +132,8 @@ pub fn state_json(state: &State) -> serde_json::Value {
     v["sessions"] =
         serde_json::json!({"total": total, "api": api, "event": event, "universal": universal});
     v["upstream"] = serde_json::json!(snap.settings.upstream.as_ref().map(|u| u.to_string()));
+    v["upstream_http"] =
+        serde_json::json!(snap.settings.upstream_http.as_ref().map(|u| u.to_string()));
     v["backend"] = serde_json::json!({
         "self_id": backend.self_id,
         "heartbeat_interval_ms": backend.heartbeat_interval_ms,

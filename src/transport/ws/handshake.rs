@@ -69,12 +69,16 @@ fn header_has_token<B>(req: &Request<B>, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Whether the request asks for a WebSocket upgrade (the rest are plain HTTP).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    header_has_token(req, header::CONNECTION, "upgrade")
+        && header_has_token(req, header::UPGRADE, "websocket")
+}
+
 /// The request's `Sec-WebSocket-Key` when it is a WebSocket upgrade lifeguard can answer;
 /// otherwise the answer it gets.
 pub fn upgrade_key<B>(req: &Request<B>) -> Result<Vec<u8>, Box<Resp>> {
-    let is_upgrade = header_has_token(req, header::CONNECTION, "upgrade")
-        && header_has_token(req, header::UPGRADE, "websocket");
-    if !is_upgrade {
+    if !is_upgrade(req) {
         let mut r = plain(
             StatusCode::UPGRADE_REQUIRED,
             "lifeguard: this port speaks OneBot v11 forward WebSocket; connect with a WebSocket client",

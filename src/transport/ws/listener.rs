@@ -1,6 +1,7 @@
 //! The forward WebSocket listener: each client's handshake is answered before any
 //! upgrade (routing, auth, the lane's state, the backend's own handshake), then one
-//! relay task per session.
+//! relay task per session. Requests that are not upgrades go to the HTTP API proxy when
+//! `--upstream-http` is set (426 otherwise).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,13 +19,14 @@ use crate::proto::auth;
 use crate::proto::dial::{self, ConnectError};
 use crate::proto::onebot::Role;
 use crate::state::{Lane, State};
+use crate::transport::http::api::ApiProxy;
 use crate::transport::policy::SessionInfo;
 
 /// How long a client may take to send its handshake request.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accept clients until the drain stops accepting.
-pub async fn serve(state: Arc<State>, listener: TcpListener) {
+pub async fn serve(state: Arc<State>, listener: TcpListener, api: Arc<ApiProxy>) {
     loop {
         let accepted = tokio::select! {
             _ = state.drain.accepting_stopped() => return,
@@ -41,10 +43,11 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let conn_state = state.clone();
+        let api = api.clone();
         state.drain.spawn_session(async move {
             let svc_state = conn_state.clone();
             let svc = hyper::service::service_fn(move |req| {
-                answer(svc_state.clone(), peer, req)
+                answer(svc_state.clone(), api.clone(), peer, req)
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -52,13 +55,21 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
+            tokio::pin!(conn);
             tokio::select! {
-                r = conn => {
+                r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "handshake connection ended with an error");
                     }
+                    return;
                 }
                 _ = conn_state.drain.accepting_stopped() => {}
+            }
+            // A request in flight (an API call, a handshake) still gets its answer.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = conn_state.drain.hard_stopped() => {}
             }
         });
     }
@@ -67,9 +78,13 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
 /// Answer one HTTP request on the client port: a WebSocket handshake or an error.
 async fn answer(
     state: Arc<State>,
+    api: Arc<ApiProxy>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
+    if !handshake::is_upgrade(&req) && state.snapshot().settings.upstream_http.is_some() {
+        return Ok(api.answer(&state, peer, req).await);
+    }
     let resp = handshake(&state, peer, &mut req).await;
     state
         .metrics
