@@ -9,10 +9,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::sleep_until;
 
 use super::pump::{Direction, Step};
+use super::watch::StateWatch;
 use crate::proto::auth;
 use crate::proto::onebot::{self, Kind};
 use crate::proto::ws::{self, FrameScanner};
@@ -685,49 +685,6 @@ struct Controls {
     grace: f64,
     /// The snapshot last acted on.
     seen: Arc<Snapshot>,
-}
-
-/// The state's watch channel, waited on without re-registering at every wake-up: the
-/// wait is polled to register the task once, then only when the version moved.
-struct StateWatch {
-    rx: watch::Receiver<Arc<Snapshot>>,
-    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
-    registered: bool,
-}
-
-impl StateWatch {
-    fn new(rx: watch::Receiver<Arc<Snapshot>>) -> StateWatch {
-        let wait = Self::wait_on(rx.clone());
-        StateWatch {
-            rx,
-            wait,
-            registered: false,
-        }
-    }
-
-    fn wait_on(mut rx: watch::Receiver<Arc<Snapshot>>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        // Unconstrained: under tokio's cooperative budget a poll could return Pending
-        // without registering the task, and a wait skipped afterwards would never wake.
-        Box::pin(tokio::task::unconstrained(async move {
-            let _ = rx.changed().await;
-        }))
-    }
-
-    /// `Ready(Some(snapshot))` after a change, `Ready(None)` when the state is gone.
-    fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Snapshot>>> {
-        if self.registered && matches!(self.rx.has_changed(), Ok(false)) {
-            return Poll::Pending;
-        }
-        if self.wait.as_mut().poll(cx).is_pending() {
-            self.registered = true;
-            return Poll::Pending;
-        }
-        let closed = self.rx.has_changed().is_err();
-        let snap = self.rx.borrow_and_update().clone();
-        self.wait = Self::wait_on(self.rx.clone());
-        self.registered = false;
-        Poll::Ready((!closed).then_some(snap))
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

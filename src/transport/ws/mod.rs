@@ -7,3 +7,4 @@ pub mod handshake;
 pub mod listener;
 pub mod pump;
 pub mod reverse;
+pub mod watch;

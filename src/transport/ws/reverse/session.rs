@@ -30,7 +30,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{FutureExt, Sink, Stream, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -46,6 +45,7 @@ use crate::proto::onebot::{self, Kind, Role};
 use crate::proto::ws;
 use crate::state::{BackendGuard, Cause, Health, Lane, SessionGuard, Snapshot, State};
 use crate::transport::policy::{self, End, Outcome, SessionInfo, Traffic};
+use crate::transport::ws::watch::{StateWatch, TokenWatch};
 
 /// The backend's connection: lifeguard is the WebSocket server.
 pub type BackendWs = WebSocketStream<TcpStream>;
@@ -62,6 +62,8 @@ const SWEEP_WAIT: Duration = Duration::from_millis(250);
 /// Prefix of the echo of lifeguard's own `get_status` calls while the account is offline.
 const STATUS_ECHO: &str = "lifeguard-status-";
 const FAR: Duration = Duration::from_secs(30 * 86400);
+/// Events handled per wake-up before yielding to other tasks.
+const EVENTS_PER_WAKE: usize = 64;
 
 /// Everything a session starts with, from the handshake.
 pub struct Setup {
@@ -193,10 +195,9 @@ pub struct Session {
     started: Instant,
     /// Bot connections ending in tasks of their own.
     retiring: Vec<JoinHandle<()>>,
-    watch: watch::Receiver<Arc<Snapshot>>,
-    watch_wait: Pin<Box<dyn Future<Output = bool> + Send>>,
+    watch: StateWatch,
     seen: Arc<Snapshot>,
-    replaced: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    replaced: TokenWatch,
     /// Which side is read first on the next wake-up (fairness between backend and bots).
     bots_first: bool,
     frames_to_backend: u64,
@@ -232,10 +233,10 @@ impl Session {
             bots,
             pending,
         } = setup;
-        let mut watch = state.subscribe();
-        let seen = watch.borrow_and_update().clone();
-        let watch_wait = Self::wait_on(watch.clone());
-        let replaced = Box::pin(registration.replaced_token().cancelled_owned());
+        let mut rx = state.subscribe();
+        let seen = rx.borrow_and_update().clone();
+        let watch = StateWatch::new(rx);
+        let replaced = TokenWatch::new(registration.replaced_token());
         registration.set_bots_configured(urls.len());
         let self_id = hello.self_id.as_deref().and_then(|s| s.trim().parse().ok());
         let multi = urls.len() > 1;
@@ -279,7 +280,6 @@ impl Session {
             started: Instant::now(),
             retiring: Vec::new(),
             watch,
-            watch_wait,
             seen,
             replaced,
             bots_first: false,
@@ -299,12 +299,6 @@ impl Session {
             }
         }
         s
-    }
-
-    fn wait_on(
-        mut rx: watch::Receiver<Arc<Snapshot>>,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
-        Box::pin(async move { rx.changed().await.is_ok() })
     }
 
     /// Relay until the backend connection ends, then end it.
@@ -330,50 +324,42 @@ impl Session {
         if let Some(end) = self.check_snapshot(self.seen.clone()) {
             return end;
         }
-        loop {
-            let ev = std::future::poll_fn(|cx| self.poll_event(cx)).await;
-            if let Some(end) = self.handle(ev) {
-                return end;
+        // Events are handled inside one poll, up to a budget, so that a burst costs one
+        // wake-up and one write per connection, not one each.
+        std::future::poll_fn(|cx| {
+            for _ in 0..EVENTS_PER_WAKE {
+                match self.poll_event(cx) {
+                    Poll::Ready(ev) => {
+                        if let Some(end) = self.handle(ev) {
+                            return Poll::Ready(end);
+                        }
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
             }
-        }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
     }
 
     // --- waking up ----------------------------------------------------------------------
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Ev> {
-        if self.watch_wait.as_mut().poll(cx).is_ready() {
-            let alive = self.watch.has_changed().is_ok();
-            let snap = self.watch.borrow_and_update().clone();
-            self.watch_wait = Self::wait_on(self.watch.clone());
-            return Poll::Ready(if alive {
-                Ev::State(snap)
-            } else {
-                Ev::StateGone
+        if let Poll::Ready(change) = self.watch.poll_change(cx) {
+            return Poll::Ready(match change {
+                Some(snap) => Ev::State(snap),
+                None => Ev::StateGone,
             });
         }
-        if self.replaced.as_mut().poll(cx).is_ready() {
+        if self.replaced.poll_cancelled(cx).is_ready() {
             return Poll::Ready(Ev::Replaced);
         }
-        // Writes first: what is queued goes out before more is read.
-        for (i, leg) in self.legs.iter_mut().enumerate() {
-            if let Err(e) = drive(
-                &mut leg.ws,
-                &mut leg.queue,
-                &mut leg.queued,
-                &mut leg.flush,
-                cx,
-            ) {
-                return Poll::Ready(Ev::BotWrite(i, e));
-            }
-        }
-        if let Err(e) = drive(
-            &mut self.backend,
-            &mut self.to_backend,
-            &mut self.to_backend_bytes,
-            &mut self.backend_flush,
-            cx,
-        ) {
-            return Poll::Ready(Ev::BackendWrite(e));
+        // Writes first: what is queued goes into the connections' write buffers before
+        // more is read; it is sent once there is nothing more to read right now, so that a
+        // burst of messages goes out in a few writes, not one each.
+        if let Some(ev) = self.drive_all(cx, false) {
+            return Poll::Ready(ev);
         }
         if self.watchdog_armed && self.watchdog.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ev::Watchdog);
@@ -419,7 +405,38 @@ impl Session {
                 }
             }
         }
-        Poll::Pending
+        match self.drive_all(cx, true) {
+            Some(ev) => Poll::Ready(ev),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Hand every queued message to its connection; with `flush`, also send what the
+    /// connections buffered. Some(event) when a write failed.
+    fn drive_all(&mut self, cx: &mut Context<'_>, flush: bool) -> Option<Ev> {
+        for (i, leg) in self.legs.iter_mut().enumerate() {
+            if let Err(e) = drive(
+                &mut leg.ws,
+                &mut leg.queue,
+                &mut leg.queued,
+                &mut leg.flush,
+                flush,
+                cx,
+            ) {
+                return Some(Ev::BotWrite(i, e));
+            }
+        }
+        if let Err(e) = drive(
+            &mut self.backend,
+            &mut self.to_backend,
+            &mut self.to_backend_bytes,
+            &mut self.backend_flush,
+            flush,
+            cx,
+        ) {
+            return Some(Ev::BackendWrite(e));
+        }
+        None
     }
 
     fn handle(&mut self, ev: Ev) -> Option<BackendEnd> {
@@ -1117,6 +1134,7 @@ fn drive(
     queue: &mut VecDeque<Message>,
     queued: &mut usize,
     flush: &mut bool,
+    send_now: bool,
     cx: &mut Context<'_>,
 ) -> Result<(), String> {
     while !queue.is_empty() {
@@ -1133,7 +1151,7 @@ fn drive(
             Poll::Pending => return Ok(()),
         }
     }
-    if *flush {
+    if *flush && send_now {
         match Pin::new(&mut *ws).poll_flush(cx) {
             Poll::Ready(Ok(())) => *flush = false,
             Poll::Ready(Err(e)) => return Err(e.to_string()),
@@ -1191,6 +1209,7 @@ impl Leg {
                                 &mut self.queue,
                                 &mut self.queued,
                                 &mut self.flush,
+                                true,
                                 cx,
                             ) {
                                 Err(e) => Poll::Ready(Err(e)),
