@@ -124,8 +124,9 @@ async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}{what}: {e}")))
 }
 
-/// Run the proxy until SIGTERM/SIGINT, then drain. Exit 0 on a clean stop.
-pub async fn serve(args: RunArgs, settings: Settings) -> ExitCode {
+/// Run the proxy until SIGTERM/SIGINT, then drain. Exit 0 on a clean stop. `source` is
+/// the config file's content `settings` came from: a reload compares the file with it.
+pub async fn serve(args: RunArgs, settings: Settings, source: Option<Vec<u8>>) -> ExitCode {
     let proxy = match Proxy::start(settings).await {
         Ok(p) => p,
         Err(e) => {
@@ -134,7 +135,7 @@ pub async fn serve(args: RunArgs, settings: Settings) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    reload::start(&proxy.state, args);
+    reload::start(&proxy.state, args, source);
     wait_for_stop_signal().await;
     proxy.shutdown().await;
     ExitCode::SUCCESS

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
             runtime().block_on(lifeguard::demo::run(cli.run, d))
         }
         None => {
-            let settings = match Settings::load(&cli.run) {
+            let (settings, source) = match Settings::load_with_source(&cli.run) {
                 Ok(s) => s,
                 Err(e) => {
                     for p in e.problems() {
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
                 }
             };
             let _log = lifeguard::cli::init_tracing(settings.log_format);
-            runtime().block_on(lifeguard::app::serve(cli.run, settings))
+            runtime().block_on(lifeguard::app::serve(cli.run, settings, source))
         }
     }
 }

@@ -18,7 +18,7 @@ fn fast_heartbeats() -> SimConfig {
     SimConfig::default().with_heartbeat_interval(Some(Duration::from_millis(100)))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qq_logout_takes_the_backend_down_and_login_brings_it_back() {
     let h = Harness::start(fast_heartbeats()).await;
     let mut clients = [
@@ -47,7 +47,7 @@ async fn qq_logout_takes_the_backend_down_and_login_brings_it_back() {
     h.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_is_not_down_when_turned_off() {
     let h = Harness::start_with(fast_heartbeats(), |a| a.offline_is_down = Some(false)).await;
     let mut ws = h.connect_events("/").await;
@@ -91,7 +91,7 @@ async fn collect(ws: &mut Ws, window: Duration) -> (Vec<(Instant, String)>, usiz
     (beats, others)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_keepalive_fills_silence_only() {
     let h = Harness::start_with(quiet(), |a| {
         a.client_heartbeat = Some(Duration::from_millis(200))
@@ -151,7 +151,7 @@ async fn client_keepalive_fills_silence_only() {
     h.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_count_what_happened() {
     let h = Harness::start(quiet()).await;
     let mut uni = h.connect_events("/").await;
@@ -245,7 +245,7 @@ async fn metrics_parse_and_count_what_happened() {
     h.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_session_ends_and_never_the_token() {
     let sim = NapSim::start(quiet().with_token("backend-s3cret-tok"))
         .await

@@ -126,17 +126,17 @@ async fn flip_closes_everyone(format: &str, write: impl Fn(bool, u16) -> String)
     h.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v4_enable_false_closes_every_client_within_a_second() {
     flip_closes_everyone("v4", |e, p| v4(e, p, "")).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flat_enable_false_closes_every_client_within_a_second() {
     flip_closes_everyone("flat", flat).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_written_file_is_never_acted_on() {
     let dir = TempDir::new("napcat-partial");
     let file = dir.path("onebot11_1.json");
@@ -178,7 +178,7 @@ async fn a_half_written_file_is_never_acted_on() {
     h2.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_change_is_followed() {
     let dir = TempDir::new("napcat-port");
     let file = dir.path("onebot11_2.json");
@@ -240,7 +240,7 @@ async fn a_port_change_is_followed() {
     b.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn napcat_token_is_used_for_the_backend() {
     // The backend requires a token that only NapCat's file knows; lifeguard's clients
     // need none. Without following it, the backend would answer 1403 and close.
@@ -267,7 +267,7 @@ async fn napcat_token_is_used_for_the_backend() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_directory_follows_the_file_with_the_matching_server() {
     let dir = TempDir::new("napcat-dir");
     let h0 = Harness::start_with(quiet(), |_| {}).await;
@@ -304,7 +304,7 @@ async fn a_config_directory_follows_the_file_with_the_matching_server() {
 /// start-up presented the client's access token to the backend, before NapCat's file
 /// (which names the backend's own token) had been applied. The backend's file must be
 /// read before anything talks to the backend.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_session_presents_the_clients_token_before_napcat_s_file_is_read() {
     let dir = TempDir::new("napcat-first-read");
     let sim = NapSim::start(quiet().with_token("napcat-secret"))
@@ -356,7 +356,7 @@ async fn no_session_presents_the_clients_token_before_napcat_s_file_is_read() {
 /// Bug: while NapCat's file had moved the upstream's port, every reload of lifeguard's
 /// own config reported `upstream` as changed (old effective settings compared with the
 /// new base ones).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_reports_only_what_changed_while_napcat_moved_the_port() {
     let dir = TempDir::new("napcat-reload-keys");
     let a = NapSim::start(quiet()).await.unwrap();

@@ -298,7 +298,7 @@ async fn lifeguard_status_shows_the_page_in_a_terminal_and_exits_by_state() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transitions_are_recorded_in_order_with_what_they_closed() {
     let h = Harness::start(SimConfig::default()).await;
     let _a = h.connect_events("/").await;

@@ -35,7 +35,7 @@ fn reloads(scrape: &prometheus_parse::Scrape, result: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_by_write_rename_and_sighup() {
     let sim = NapSim::start(quiet()).await.unwrap();
     let dir = TempDir::new("reload");
@@ -95,7 +95,7 @@ async fn reload_by_write_rename_and_sighup() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_file_keeps_the_running_config() {
     let sim = NapSim::start(quiet()).await.unwrap();
     let dir = TempDir::new("reload-invalid");
@@ -141,7 +141,7 @@ async fn an_invalid_file_keeps_the_running_config() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_token_changes_close_only_sessions_whose_credential_fails() {
     let sim = NapSim::start(quiet()).await.unwrap();
     let dir = TempDir::new("reload-token");
@@ -184,7 +184,7 @@ async fn access_token_changes_close_only_sessions_whose_credential_fails() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_settings_apply_without_restart() {
     let sim = NapSim::start(quiet()).await.unwrap();
     let dir = TempDir::new("reload-probe");

@@ -23,6 +23,8 @@ pub(super) struct Parsed {
     pub syntax_error: bool,
     /// The 1-based line each top-level key is written on.
     lines: HashMap<String, usize>,
+    /// The file's bytes as read (what a reload compares a later version with).
+    pub bytes: Vec<u8>,
 }
 
 impl Parsed {
@@ -78,11 +80,17 @@ pub(super) fn parse(text: &str) -> Parsed {
 
 /// Read and parse the file; an unreadable file is one problem naming it.
 pub(super) fn read(path: &Path) -> Result<Parsed, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError::File {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    Ok(parse(&text))
+    let text = String::from_utf8(bytes).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: format!("not UTF-8 text: {e}"),
+    })?;
+    let mut parsed = parse(&text);
+    parsed.bytes = text.into_bytes();
+    Ok(parsed)
 }
 
 /// Read and parse the TOML config file; errors name the file and the line.

@@ -269,10 +269,17 @@ impl Settings {
     /// Every problem is reported, not only the first: unreadable file, each bad key (with
     /// its line), each bad value (with the flag or the file line it came from).
     pub fn load(args: &RunArgs) -> Result<Settings, ConfigError> {
+        Settings::load_with_source(args).map(|(s, _)| s)
+    }
+
+    /// [`Settings::load`], and the config file's bytes the settings came from (`None`
+    /// without `--config`): what a reload compares later versions of the file with.
+    pub fn load_with_source(args: &RunArgs) -> Result<(Settings, Option<Vec<u8>>), ConfigError> {
         let Some(path) = &args.config else {
-            return Settings::resolve(args, None);
+            return Settings::resolve(args, None).map(|s| (s, None));
         };
-        let parsed = file::read(path)?;
+        let mut parsed = file::read(path)?;
+        let bytes = std::mem::take(&mut parsed.bytes);
         let file_problems = parsed.problems.iter().map(|message| ConfigError::File {
             path: path.to_path_buf(),
             message: message.clone(),
@@ -283,7 +290,7 @@ impl Settings {
         }
         let mut problems: Vec<ConfigError> = file_problems.collect();
         match Settings::resolve_located(args, &parsed.config, Some((path, &parsed))) {
-            Ok(s) if problems.is_empty() => Ok(s),
+            Ok(s) if problems.is_empty() => Ok((s, Some(bytes))),
             Ok(_) => Err(ConfigError::many(problems)),
             Err(e) => {
                 problems.extend(match e {

@@ -28,8 +28,9 @@ pub const POLL_EVERY: Duration = Duration::from_secs(2);
 
 /// Start watching `args.config` (if any) and listening for SIGHUP, as a background task
 /// of the state's drain. Must be called inside the runtime; SIGHUP is handled from the
-/// moment this returns.
-pub fn start(state: &Arc<State>, args: RunArgs) {
+/// moment this returns. `source` is the file's content the running settings came from, so
+/// that a change made before the watch was in place is still seen (by the poll).
+pub fn start(state: &Arc<State>, args: RunArgs, source: Option<Vec<u8>>) {
     #[cfg(unix)]
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -58,7 +59,7 @@ pub fn start(state: &Arc<State>, args: RunArgs) {
     }
     let worker = Worker {
         state: state.clone(),
-        last: args.config.as_ref().and_then(|p| std::fs::read(p).ok()),
+        last: source,
         args,
     };
     state.drain.spawn_background(worker.run(
@@ -147,7 +148,13 @@ impl Worker {
             return;
         }
         self.last = now;
-        match Settings::load(&self.args) {
+        match Settings::load_with_source(&self.args).map(|(s, source)| {
+            // What was parsed, if the file moved on between the two reads.
+            if source.is_some() {
+                self.last = source;
+            }
+            s
+        }) {
             Err(e) => {
                 self.state.metrics.reload(false);
                 tracing::error!(

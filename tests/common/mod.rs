@@ -474,6 +474,8 @@ impl Bin {
     }
 
     /// Wait (blocking) for a log line matching `pred`; returns it.
+    /// Blocks its thread: tests that also run a simulator in-process use a multi-thread
+    /// runtime, so that the simulator keeps answering while they wait.
     pub fn wait_log(
         &self,
         limit: Duration,
