@@ -382,6 +382,13 @@ impl Session {
                 let _ = self.upstream.try_write(&bye);
             }
         }
+        if let End::BackendViolation(why) = &end {
+            // RFC 6455 7.1.7: fail the connection, saying why, if a frame can still go.
+            if self.up.scanner.at_boundary() && !self.up.has_pending() {
+                let bye = ws::close_frame(ws::code::PROTOCOL_ERROR, why, ws::random_mask());
+                let _ = self.upstream.try_write(&bye);
+            }
+        }
         let traffic = Traffic {
             frames_to_client: self.down.scanner.frames,
             frames_to_backend: self.up.scanner.frames,
