@@ -57,9 +57,13 @@ impl Proxy {
         state
             .drain
             .spawn_session(listener::serve(state.clone(), clients));
+        let limits = state.conns.limits(&state.settings());
         tracing::info!(
             listen = %addr,
             admin = %admin_addr,
+            max_connections = limits.max,
+            max_connections_per_ip = limits.per_ip,
+            fd_limit = state.conns.fd_limit(),
             upstream = %state.settings().upstream.as_ref().map(|u| u.to_string()).unwrap_or_default(),
             "lifeguard started"
         );
@@ -85,6 +89,7 @@ async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
 
 /// Run the proxy until SIGTERM/SIGINT, then drain. Exit 0 on a clean stop.
 pub async fn serve(args: RunArgs, settings: Settings) -> ExitCode {
+    raise_fd_limit();
     let proxy = match Proxy::start(settings).await {
         Ok(p) => p,
         Err(e) => {
@@ -97,6 +102,29 @@ pub async fn serve(args: RunArgs, settings: Settings) -> ExitCode {
     wait_for_stop_signal().await;
     proxy.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Soft open-file limit up to the hard one: the connection cap derives from it, and
+/// 1024 (a common soft default) would cap lifeguard at a few hundred clients.
+pub fn raise_fd_limit() {
+    use rlimit::Resource;
+    let Ok((soft, hard)) = Resource::NOFILE.get() else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    match rlimit::increase_nofile_limit(hard) {
+        Ok(now) if now > soft => {
+            tracing::info!(
+                from = soft,
+                to = now,
+                "raised the open-file limit (soft) to the hard limit"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).

@@ -30,6 +30,9 @@ pub struct Metrics {
     sessions_closed: Family<Labels, Counter>,
     handshakes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
+    connections_open: Gauge,
+    connections_refused: Family<Labels, Counter>,
+    probes_skipped: Family<Labels, Counter>,
     /// Pre-resolved handles for the hot path: (frames, bytes) to the client and to the backend.
     to_client: (Counter, Counter),
     to_backend: (Counter, Counter),
@@ -66,6 +69,24 @@ impl Metrics {
         let bytes = Family::<Labels, Counter>::default();
         let handshakes = Family::<Labels, Counter>::default();
         let reloads = Family::<Labels, Counter>::default();
+        let connections_open = Gauge::default();
+        let connections_refused = Family::<Labels, Counter>::default();
+        let probes_skipped = Family::<Labels, Counter>::default();
+        r.register(
+            "client_connections_open",
+            "Client connections held (handshaking or relaying), counted against --max-connections",
+            connections_open.clone(),
+        );
+        r.register(
+            "client_connections_refused",
+            "Client connections answered 503 before any handshake, by cause (capacity, per-ip-limit, fd-exhausted)",
+            connections_refused.clone(),
+        );
+        r.register(
+            "probes_skipped",
+            "Probes that could not run for a local reason (no file descriptor), not counted against the backend",
+            probes_skipped.clone(),
+        );
         r.register(
             "upstream_up",
             "1 when the lane is up (accepting sessions), 0 when down, by lane",
@@ -137,6 +158,9 @@ impl Metrics {
             sessions_closed,
             handshakes,
             reloads,
+            connections_open,
+            connections_refused,
+            probes_skipped,
             to_client,
             to_backend,
         }
@@ -225,6 +249,22 @@ impl Metrics {
                 ("transport", transport.to_string()),
                 ("status", status.to_string()),
             ])
+            .inc();
+    }
+
+    pub fn connections_open(&self, n: usize) {
+        self.connections_open.set(n as i64);
+    }
+
+    pub fn connection_refused(&self, cause: &'static str) {
+        self.connections_refused
+            .get_or_create(&l("cause", cause))
+            .inc();
+    }
+
+    pub fn probe_skipped(&self, reason: &'static str) {
+        self.probes_skipped
+            .get_or_create(&l("reason", reason))
             .inc();
     }
 

@@ -311,3 +311,120 @@ async fn a_backend_dying_inside_a_frame_gets_a_true_log_line() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn a_backend_connection_silent_from_the_start_is_ended_by_the_heartbeat_bound() {
+    // The first session's backend connection beats every 100 ms; the second one sends its
+    // connect event and then nothing, while the backend still answers probes.
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = scripted_backend(move |mut s| {
+        let nth = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let _ = s
+                .write_all(&ws::encode_frame(ws::OP_TEXT, CONNECT.as_bytes(), None))
+                .await;
+            if nth > 0 {
+                let mut sink = [0u8; 256];
+                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                return;
+            }
+            let beat = r#"{"time":1718000000,"self_id":10001000,"post_type":"meta_event","meta_event_type":"heartbeat","status":{"online":true,"good":true},"interval":100}"#;
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if s
+                    .write_all(&ws::encode_frame(ws::OP_TEXT, beat.as_bytes(), None))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(backend).await;
+    let mut beating = connect_url_events(format!("ws://{}/", proxy.addr)).await;
+    // A heartbeat went through: lifeguard knows the backend's interval now.
+    assert!(next_text(&mut beating).await.contains("heartbeat"));
+    let mut silent = connect_url_events(format!("ws://{}/", proxy.addr)).await;
+    let t0 = std::time::Instant::now();
+    let end = read_to_end(&mut silent, SOON).await;
+    assert!(end.got_disable(), "{end:?}");
+    assert_eq!(end.code(), Some(1013), "{end:?}");
+    assert!(
+        end.close.as_ref().unwrap().1.contains("heartbeat"),
+        "{end:?}"
+    );
+    println!("silent backend connection ended after {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // The healthy one is untouched.
+    assert!(next_text(&mut beating).await.contains("heartbeat"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_alone() {
+    let h = Harness::start_with(quiet(), |a| {
+        a.client_stall_timeout = Some(Duration::from_millis(500))
+    })
+    .await;
+    let mut good = h.connect_events("/").await;
+    // A client with a small receive buffer that completes its handshake and stops reading.
+    let stalled = {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(h.addr).await.unwrap();
+        let req = format!("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        s
+    };
+    wait_until(SOON, "two sessions", || {
+        h.proxy().state.sessions.total() == 2
+    })
+    .await;
+    // 16 MB of events: far more than the socket buffers hold.
+    let big = format!(
+        r#"{{"post_type":"notice","notice_type":"bulk","pad":"{}"}}"#,
+        "x".repeat(256 * 1024)
+    );
+    for _ in 0..64 {
+        h.sim.emit(big.clone());
+    }
+    h.sim.emit_message(9);
+    let mut got = 0;
+    loop {
+        let t = next_text(&mut good).await;
+        assert!(
+            !t.contains("\"sub_type\":\"disable\""),
+            "the reader was swept"
+        );
+        if t.contains("\"notice_type\":\"bulk\"") {
+            got += 1;
+        } else if t.contains("\"message_id\":9,") {
+            break;
+        }
+    }
+    assert_eq!(got, 64, "the reading client got everything at full speed");
+    wait_until(
+        Duration::from_secs(10),
+        "the stalled session to end",
+        || h.proxy().state.sessions.total() == 1,
+    )
+    .await;
+    let (_, metrics) = h.admin("GET", "/metrics").await;
+    let scrape = parse_metrics(&metrics);
+    assert_eq!(
+        metric(
+            &scrape,
+            "lifeguard_sessions_closed_total",
+            &[("cause", "client-stalled")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    // The backend connection of the stalled client is closed too; the good one relays on.
+    wait_until(SOON, "one backend socket", || h.sim.open_connections() == 1).await;
+    api_roundtrip(&mut good, "after").await;
+    drop(stalled);
+    h.stop().await;
+}

@@ -11,6 +11,7 @@
 //! | `POST /enable`  | back to following health                                   |
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -22,12 +23,21 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::state::conns::ADMIN_MAX_CONNECTIONS;
 use crate::state::{Health, Lane, State};
 
 type Resp = Response<Full<Bytes>>;
 
+/// How long an admin connection may take to send its request.
+const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serve the admin listener until shutdown.
+///
+/// It has its own budget ([`ADMIN_MAX_CONNECTIONS`], inside the descriptors the client
+/// cap leaves free), one request per connection and a short request deadline, so `/live`
+/// keeps answering while the client port is flooded.
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, _) = tokio::select! {
             _ = state.drain.hard_stopped() => return,
@@ -40,7 +50,12 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
                 }
             },
         };
+        if open.fetch_add(1, Ordering::Relaxed) >= ADMIN_MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
         let s = state.clone();
+        let open = open.clone();
         state.drain.spawn_background(async move {
             let svc_state = s.clone();
             let svc = hyper::service::service_fn(move |req| {
@@ -49,13 +64,16 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(ADMIN_REQUEST_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(ADMIN_REQUEST_TIMEOUT * 2) => {}
                 _ = s.drain.hard_stopped() => {}
             }
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -113,6 +131,13 @@ pub fn state_json(state: &State) -> serde_json::Value {
         "status": backend.status.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
     });
     v["lanes"] = serde_json::Value::Object(lanes);
+    let limits = state.conns.limits(&snap.settings);
+    v["connections"] = serde_json::json!({
+        "open": state.conns.open(),
+        "max": limits.max,
+        "max_per_ip": limits.per_ip,
+        "fd_limit": state.conns.fd_limit(),
+    });
     v
 }
 

@@ -11,6 +11,7 @@
 //! call the `set_*`/`observe_*` methods; transports read [`State::snapshot`] and
 //! [`State::subscribe`]. Nothing in here calls out to code that could call back in.
 
+pub mod conns;
 pub mod drain;
 pub mod gate;
 pub mod sessions;
@@ -24,6 +25,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 
+pub use conns::{ConnPermit, Connections, Refusal};
 pub use drain::Drain;
 pub use gate::{Cause, Health, HealthSource, Lane, ProbeKind};
 pub use sessions::{SessionGuard, SessionSet, SweepTicket};
@@ -120,6 +122,8 @@ pub struct State {
     probe_now: Notify,
     backend: ArcSwap<BackendInfo>,
     pub sessions: Arc<SessionSet>,
+    /// Client connections held, against `--max-connections` (per address too).
+    pub conns: Arc<Connections>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
 }
@@ -146,6 +150,7 @@ impl State {
             probe_now: Notify::new(),
             backend: ArcSwap::from_pointee(BackendInfo::default()),
             sessions: Arc::new(SessionSet::new(metrics.clone())),
+            conns: Arc::new(Connections::new(metrics.clone())),
             metrics,
             drain: Drain::default(),
         })

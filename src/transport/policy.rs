@@ -45,6 +45,8 @@ pub enum End {
     ClientViolation(u16, &'static str),
     /// The access token changed and the client's credential no longer passes.
     Revoked,
+    /// Frames waited for the client and it took none of them for this long.
+    ClientStalled(Duration),
 }
 
 /// What the client is owed when its session ends.
@@ -133,6 +135,17 @@ impl End {
                     "token-revoked",
                     ws::code::POLICY,
                     "access token changed; reconnect with the new one".into(),
+                )
+            },
+            End::ClientStalled(d) => Verdict {
+                announce: false,
+                ..lifeguard(
+                    "client-stalled",
+                    ws::code::POLICY,
+                    format!(
+                        "client took nothing for {} ms while frames waited for it",
+                        d.as_millis()
+                    ),
                 )
             },
             End::ClientClosed(_) => Verdict {

@@ -49,6 +49,10 @@ pub struct Session {
     started: Instant,
     /// When something last went to the client; tracked only with `--client-heartbeat`.
     last_to_client: Option<Instant>,
+    /// While frames wait for the client: when it counts as stalled (unless it takes some).
+    stall_deadline: Option<Instant>,
+    /// `down.progress` when `stall_deadline` was set.
+    stall_progress: u64,
 }
 
 impl Session {
@@ -60,6 +64,16 @@ impl Session {
         upstream: TcpStream,
     ) -> Session {
         let max = state.settings().max_message_size;
+        // Bounded before the first heartbeat too: an event session whose backend connection
+        // stalls from the start gets the deadline the backend's announced interval gives
+        // (learned from any session); a backend that never announced one gets none.
+        let first_heartbeat = info
+            .role
+            .gets_events()
+            .then(|| state.backend().heartbeat_interval_ms)
+            .flatten()
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms).mul_f64(state.settings().heartbeat_grace));
         Session {
             state,
             info,
@@ -73,11 +87,13 @@ impl Session {
                 connect_seen: false,
                 self_id: None,
                 replies: 0,
-                heartbeat_deadline: None,
-                heartbeat_window: Duration::ZERO,
+                heartbeat_deadline: first_heartbeat.map(|w| Instant::now() + w),
+                heartbeat_window: first_heartbeat.unwrap_or_default(),
             },
             started: Instant::now(),
             last_to_client: None,
+            stall_deadline: None,
+            stall_progress: 0,
         }
     }
 
@@ -135,6 +151,7 @@ impl Session {
         let mut seen: Arc<Snapshot> = rx.borrow_and_update().clone();
         // Follows reloads: the next heartbeat re-arms the watchdog with the new factor.
         let mut grace = seen.settings.heartbeat_grace;
+        let mut stall_after = seen.settings.client_stall_timeout;
         let lane = self.info.lane;
         let end = 'relay: {
             // Bytes that arrived with the handshakes go first, through the scanners.
@@ -142,6 +159,7 @@ impl Session {
                 if let Some(end) = self.feed(Dir::Down, &upstream_leftover, grace) {
                     break 'relay end;
                 }
+                self.note_client_backlog(stall_after);
             }
             if !client_leftover.is_empty() {
                 if let Some(end) = self.feed(Dir::Up, &client_leftover, grace) {
@@ -166,8 +184,13 @@ impl Session {
                     .reset(tokio::time::Instant::now() + every);
             }
             loop {
-                if self.learned.heartbeat_deadline != armed {
-                    armed = self.learned.heartbeat_deadline;
+                // One timer for both deadlines: the backend's heartbeat and a stalled client.
+                let due = match (self.learned.heartbeat_deadline, self.stall_deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if due != armed {
+                    armed = due;
                     if let Some(at) = armed {
                         watchdog.as_mut().reset(at.into());
                     }
@@ -194,11 +217,19 @@ impl Session {
                                 keepalive.as_mut().reset(tokio::time::Instant::now() + at);
                             }
                             grace = snap.settings.heartbeat_grace;
+                            stall_after = snap.settings.client_stall_timeout;
                         }
                         seen = snap;
                     }
                     _ = &mut watchdog, if armed.is_some() => {
-                        break 'relay End::HeartbeatTimeout(self.learned.heartbeat_window);
+                        let now = Instant::now();
+                        if self.stall_deadline.is_some_and(|at| at <= now) {
+                            break 'relay End::ClientStalled(stall_after);
+                        }
+                        if self.learned.heartbeat_deadline.is_some_and(|at| at <= now) {
+                            break 'relay End::HeartbeatTimeout(self.learned.heartbeat_window);
+                        }
+                        armed = None;
                     }
                     _ = &mut keepalive, if keepalive_every.is_some() => {
                         let every = keepalive_every.unwrap_or(FAR);
@@ -206,6 +237,7 @@ impl Session {
                         if last.elapsed() + Duration::from_millis(1) >= every {
                             self.send_keepalive(&seen);
                             self.last_to_client = Some(Instant::now());
+                            self.note_client_backlog(stall_after);
                         }
                         let next = self.last_to_client.unwrap_or_else(Instant::now) + every;
                         keepalive.as_mut().reset(next.into());
@@ -216,6 +248,7 @@ impl Session {
                         if let Some(end) = self.pump(Dir::Down, grace) {
                             break 'relay end;
                         }
+                        self.note_client_backlog(stall_after);
                     }
                     _ = async {
                         if up_pending { self.upstream.writable().await } else { self.client.readable().await }
@@ -229,6 +262,21 @@ impl Session {
         };
         // Boxed: the end sequence is allocated when a session ends, not held by idle ones.
         Box::pin(self.finish(end)).await;
+    }
+
+    /// Frames wait for the client: start (or, when it took some, restart) the stall clock;
+    /// nothing waits: stop it. Only the first branch costs anything, and only while the
+    /// client is behind.
+    #[inline]
+    fn note_client_backlog(&mut self, stall_after: Duration) {
+        if self.down.has_pending() {
+            if self.stall_deadline.is_none() || self.down.progress != self.stall_progress {
+                self.stall_deadline = Some(Instant::now() + stall_after);
+                self.stall_progress = self.down.progress;
+            }
+        } else if self.stall_deadline.is_some() {
+            self.stall_deadline = None;
+        }
     }
 
     /// `--client-heartbeat`, for sessions that get events.
@@ -426,7 +474,11 @@ impl Session {
         if !self.down.scanner.at_boundary() || !self.down.carry.is_empty() {
             // Nothing can be injected into the middle of a frame: hang up.
             return Outcome {
-                note: "backend died inside a frame: closed without a Close frame",
+                note: if verdict.backend_usable {
+                    "inside a frame that did not finish in time: closed without a Close frame"
+                } else {
+                    "backend died inside a frame: closed without a Close frame"
+                },
                 ..Outcome::default()
             };
         }

@@ -17,14 +17,18 @@ use super::handshake::{self, json, unavailable, Resp};
 use crate::proto::auth;
 use crate::proto::dial::{self, ConnectError};
 use crate::proto::onebot::Role;
-use crate::state::{Lane, State};
+use crate::state::{ConnPermit, Lane, Refusal, State};
 use crate::transport::policy::SessionInfo;
 
-/// How long a client may take to send its handshake request.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest handshake request (hyper's minimum is 8 KiB): bounds what a connection that
+/// has not authenticated can make lifeguard buffer.
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// How long a refused connection may take to read its 503.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// Accept clients until the drain stops accepting.
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
+    let mut exhausted_logged: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = state.drain.accepting_stopped() => return,
@@ -33,23 +37,53 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and the like: back off, never spin or die.
-                tracing::warn!(error = %e, "accept failed");
+                // Out of file descriptors and the like: back off, never spin or die. The
+                // connection cap keeps this from happening unless the limit is shared.
+                if dial::is_local_exhaustion(&e) {
+                    state.metrics.connection_refused("fd-exhausted");
+                }
+                let now = tokio::time::Instant::now();
+                if exhausted_logged.map_or(true, |t| now - t > Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, "accept failed");
+                    exhausted_logged = Some(now);
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let snap = state.snapshot();
+        let permit = match state.conns.admit(peer.ip(), &snap.settings) {
+            Ok(p) => Arc::new(p),
+            Err(refusal) => {
+                refuse(&state, stream, refusal);
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let conn_state = state.clone();
+        let budget = snap.settings.handshake_timeout;
+        // Everything up to the session: the request, the backend's handshake, the answer.
+        let lifetime = budget + snap.settings.connect_timeout + Duration::from_secs(1);
         state.drain.spawn_session(async move {
+            let started = tokio::time::Instant::now();
+            // A connection that has sent nothing costs no buffer: hyper allocates its read
+            // buffer on the first read, so wait for bytes first.
+            let spoke = tokio::select! {
+                r = tokio::time::timeout(budget, stream.readable()) => matches!(r, Ok(Ok(()))),
+                _ = conn_state.drain.accepting_stopped() => false,
+            };
+            if !spoke {
+                tracing::debug!(%peer, "client sent no request in time");
+                return;
+            }
             let svc_state = conn_state.clone();
             let svc = hyper::service::service_fn(move |req| {
-                answer(svc_state.clone(), peer, req)
+                answer(svc_state.clone(), peer, permit.clone(), req)
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(64 * 1024)
+                .header_read_timeout(budget.saturating_sub(started.elapsed()).max(Duration::from_millis(1)))
+                .max_buf_size(MAX_REQUEST_BYTES)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
             tokio::select! {
@@ -58,19 +92,64 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
                         tracing::debug!(%peer, error = %e, "handshake connection ended with an error");
                     }
                 }
+                _ = tokio::time::sleep_until(started + lifetime) => {
+                    tracing::debug!(%peer, "handshake took too long");
+                }
                 _ = conn_state.drain.accepting_stopped() => {}
             }
         });
     }
 }
 
+/// 503 before any handshake: the cap (or this address's share) is full. Written at once;
+/// the socket stays a moment so the answer is read rather than reset, unless too many
+/// refusals are already doing that.
+fn refuse(state: &Arc<State>, stream: TcpStream, refusal: Refusal) {
+    let body = serde_json::json!({
+        "status": "unavailable",
+        "cause": refusal.cause(),
+        "reason": refusal.reason(),
+    })
+    .to_string();
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 5\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.try_write(resp.as_bytes()).is_err() {
+        return;
+    }
+    let Some(slot) = state.conns.refusing() else {
+        return;
+    };
+    state.drain.spawn_session(async move {
+        let _slot = slot;
+        let mut stream = stream;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = stream.shutdown().await;
+            let mut sink = [0u8; 512];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    });
+}
+
 /// Answer one HTTP request on the client port: a WebSocket handshake or an error.
 async fn answer(
     state: Arc<State>,
     peer: SocketAddr,
+    permit: Arc<ConnPermit>,
     mut req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
-    let resp = handshake(&state, peer, &mut req).await;
+    let mut resp = handshake(&state, peer, permit, &mut req).await;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // One request per connection: a refused client does not keep its socket (hyper's
+        // own keep-alive switch would also mark the 101 `close`).
+        resp.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
     state
         .metrics
         .handshake(Lane::Forward.as_str(), resp.status().as_u16());
@@ -80,7 +159,12 @@ async fn answer(
     Ok(resp)
 }
 
-async fn handshake(state: &Arc<State>, peer: SocketAddr, req: &mut Request<Incoming>) -> Resp {
+async fn handshake(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    permit: Arc<ConnPermit>,
+    req: &mut Request<Incoming>,
+) -> Resp {
     let key = match handshake::upgrade_key(req) {
         Ok(k) => k,
         Err(r) => return *r,
@@ -120,6 +204,12 @@ async fn handshake(state: &Arc<State>, peer: SocketAddr, req: &mut Request<Incom
     .await
     {
         Ok(c) => c,
+        Err(e) if e.is_local() => {
+            // Our shortage, not the backend's fault: no probe, no 502.
+            state.metrics.connection_refused("fd-exhausted");
+            tracing::warn!(%peer, path = %path, error = %e, "cannot open a backend connection (local shortage)");
+            return unavailable("capacity", &e.to_string(), 5);
+        }
         Err(e) => {
             state.kick_probe();
             tracing::warn!(%peer, path = %path, error = %e, "backend refused a new session");
@@ -150,6 +240,8 @@ async fn handshake(state: &Arc<State>, peer: SocketAddr, req: &mut Request<Incom
     let on_upgrade = hyper::upgrade::on(req);
     let task_state = state.clone();
     state.drain.spawn_session(async move {
+        // The connection stays counted until the session is over.
+        let _permit = permit;
         let id = info.id;
         let upgraded = tokio::select! {
             u = on_upgrade => u,
