@@ -428,3 +428,89 @@ async fn a_client_that_never_reads_is_closed_alone() {
     drop(stalled);
     h.stop().await;
 }
+
+/// A WebSocket client whose connection comes from `ip` (any 127.x.y.z is this machine).
+async fn connect_from(
+    ip: &str,
+    url: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
+    let addr: SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    tokio::time::timeout(SOON, tokio_tungstenite::client_async(url, stream))
+        .await
+        .expect("answer in time")
+        .map(|(ws, _)| ws)
+}
+
+fn refusal_body(e: tokio_tungstenite::tungstenite::Error) -> (u16, String) {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        e => panic!("expected an HTTP refusal, got {e}"),
+    }
+}
+
+#[tokio::test]
+async fn the_connection_cap_and_the_per_address_share_answer_503() {
+    let h = Harness::start_with(quiet(), |a| {
+        a.max_connections = Some(3);
+        a.max_connections_per_ip = Some(2);
+    })
+    .await;
+    let url = h.url("/");
+    let a1 = connect_from("127.0.0.1", &url).await.unwrap();
+    let a2 = connect_from("127.0.0.1", &url).await.unwrap();
+    let (status, body) = refusal_body(connect_from("127.0.0.1", &url).await.err().unwrap());
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"cause\":\"per-ip-limit\""), "{body}");
+    // Another address still gets in, up to the cap.
+    let b1 = connect_from("127.0.0.2", &url).await.unwrap();
+    let (status, body) = refusal_body(connect_from("127.0.0.3", &url).await.err().unwrap());
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"cause\":\"capacity\""), "{body}");
+    let (_, state) = h.admin("GET", "/state").await;
+    let v: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(v["connections"]["open"], 3, "{v}");
+    assert_eq!(v["connections"]["max"], 3, "{v}");
+    // Room again as soon as one leaves.
+    drop(a1);
+    wait_until(SOON, "a free slot", || h.proxy().state.conns.open() == 2).await;
+    let _c1 = connect_from("127.0.0.3", &url).await.unwrap();
+    drop((a2, b1));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_does_not_finish_its_request_is_closed_at_the_deadline() {
+    let h = Harness::start_with(quiet(), |a| {
+        a.handshake_timeout = Some(Duration::from_millis(300))
+    })
+    .await;
+    // Silent, and slowloris (a request that never ends).
+    let mut silent = TcpStream::connect(h.addr).await.unwrap();
+    let mut slow = TcpStream::connect(h.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    for s in [&mut silent, &mut slow] {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(SOON, s.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "still open after {:?}", t0.elapsed());
+    }
+    let took = t0.elapsed();
+    println!("unfinished requests closed after {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    wait_until(SOON, "nothing held", || h.proxy().state.conns.open() == 0).await;
+    h.stop().await;
+}
