@@ -18,8 +18,9 @@
 //! | `disable_3110`, `disable_v4`, `enable`, `kill`, `hang`, `unhang`, `offline`, `online` | `ok` (see `NapSim`) |
 //! | `quit` | exits |
 //!
-//! `--flaky-api-every N` puts a front on the listen address that drops every Nth `/api`
-//! connection before its handshake (a backend that fails one probe in N).
+//! `--flaky-api-every N` puts a front on the listen address that drops every Nth connection
+//! to exactly `/api` (lifeguard's probes; `/api/` passes) before its handshake: a backend
+//! that fails one probe in N.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,11 +187,13 @@ async fn flaky_front(front: TcpListener, sim: SocketAddr, every: u64) {
     while let Ok((mut client, _)) = front.accept().await {
         let api = api.clone();
         tokio::spawn(async move {
-            let mut head = vec![0u8; 8];
+            // `GET /api ` or `GET /api?`: lifeguard's probes (sessions on `/api/` pass).
+            let mut head = vec![0u8; 9];
             if client.read_exact(&mut head).await.is_err() {
                 return;
             }
-            if head == b"GET /api" && (api.fetch_add(1, Ordering::Relaxed) + 1) % every == 0 {
+            let probe = head.starts_with(b"GET /api") && matches!(head[8], b' ' | b'?');
+            if probe && (api.fetch_add(1, Ordering::Relaxed) + 1) % every == 0 {
                 return;
             }
             let Ok(mut upstream) = TcpStream::connect(sim).await else {
