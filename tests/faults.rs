@@ -582,6 +582,14 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+const FLOOD_IPS: &[&str] = &[
+    "127.0.0.2",
+    "127.0.0.3",
+    "127.0.0.4",
+    "127.0.0.5",
+    "127.0.0.6",
+];
+
 async fn socket_from(ip: &str, to: SocketAddr) -> Option<TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4().ok()?;
     sock.bind(format!("{ip}:0").parse().unwrap()).ok()?;
@@ -599,8 +607,8 @@ struct FloodCount {
     other: AtomicUsize,
 }
 
-/// `n` sockets from `ip` doing `kind` (silent, slowloris or a full handshake), held until
-/// `release`; resolves with them once all are placed.
+/// `n` sockets from `ip` doing `kind` (silent, slowloris or a full handshake); resolves
+/// with them (held by the caller) once all are placed.
 async fn flood(
     kind: &'static str,
     ip: &'static str,
@@ -659,6 +667,18 @@ async fn fd_exhaustion_never_takes_healthy_sessions_down() {
     let _one = HEAVY.lock().await;
     let per_kind = env_num("LIFEGUARD_FLOOD_SOCKETS", 300) as usize;
     let rounds = env_num("LIFEGUARD_FLOOD_ROUNDS", 2);
+    // One address per kind: silent, slowloris (a request that never ends), handshake.
+    let kinds_env = std::env::var("LIFEGUARD_FLOOD_KINDS");
+    let kinds: Vec<&'static str> = kinds_env
+        .as_deref()
+        .unwrap_or("silent,slowloris,handshake")
+        .split(',')
+        .map(|k| match k.trim() {
+            "silent" => "silent",
+            "slowloris" => "slowloris",
+            _ => "handshake",
+        })
+        .collect();
     let nofile = match env_num("LIFEGUARD_FLOOD_NOFILE", 512) {
         0 => None,
         n => Some(n),
@@ -689,11 +709,15 @@ async fn fd_exhaustion_never_takes_healthy_sessions_down() {
         let count = Arc::new(FloodCount::default());
         let t0 = Instant::now();
         for round in 0..rounds {
-            let floods = futures_util::future::join_all([
-                flood("silent", "127.0.0.2", per_kind, lg.addr, count.clone()),
-                flood("slowloris", "127.0.0.3", per_kind, lg.addr, count.clone()),
-                flood("handshake", "127.0.0.4", per_kind, lg.addr, count.clone()),
-            ]);
+            let floods = futures_util::future::join_all(kinds.iter().enumerate().map(|(i, k)| {
+                flood(
+                    k,
+                    FLOOD_IPS[i % FLOOD_IPS.len()],
+                    per_kind,
+                    lg.addr,
+                    count.clone(),
+                )
+            }));
             // While the flood lands: events flow, /live and /ready answer, probes pass.
             let probing = async {
                 let mut live_fail = 0;
@@ -736,7 +760,12 @@ async fn fd_exhaustion_never_takes_healthy_sessions_down() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let after_rss = rss_kib(pid);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // LIFEGUARD_FLOOD_PAUSE_SECS: time to look at the process from outside (gdb, pmap).
+        let pause = env_num("LIFEGUARD_FLOOD_PAUSE_SECS", 0);
+        if pause > 0 {
+            println!("FLOOD over; lifeguard pid {pid} paused for {pause} s");
+        }
+        tokio::time::sleep(Duration::from_secs(2 + pause)).await;
         let settled_rss = rss_kib(pid);
         let (_, state) = lg.admin("GET", "/state").await;
         let after: serde_json::Value = serde_json::from_str(&state).unwrap();
@@ -760,7 +789,7 @@ async fn fd_exhaustion_never_takes_healthy_sessions_down() {
             .unwrap_or(0.0)
         };
         println!(
-            "FLOOD {}: limit {:?}, cap {} (per ip {}), {rounds} rounds of 3×{per_kind} sockets in {:?}: \
+            "FLOOD {}: limit {:?}, cap {} (per ip {}), {rounds} rounds of {kinds:?}×{per_kind} sockets in {:?}: \
              attacker connected {}, upgraded {}, 503 in the handshake {}; refused before the handshake: capacity {}, per-ip {}, fd-exhausted {}; \
              lifeguard fds {base_fds} -> peak {peak_fds} -> {}, RSS {base_rss} -> peak {peak_rss} -> {after_rss} -> {settled_rss} KiB",
             t.name(),
@@ -1035,4 +1064,51 @@ async fn soak() {
         assert!(faults.values().sum::<u32>() >= 1, "at least one fault");
         assert_eq!(lg.stop(), Some(0));
     }
+}
+
+/// What a connection that has not authenticated costs while it is held: no buffers until
+/// its request head is complete (hyper's 16 KiB once it is), silent or dribbling alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_connection_costs_a_few_kib() {
+    let _one = HEAVY.lock().await;
+    let sim = SimProc::start(&[]);
+    let mut args = Transport::ForwardWs.args(&sim);
+    args.extend(fast_probes());
+    args.extend(["--handshake-timeout".to_string(), "30s".to_string()]);
+    let mut lg = spawn_lifeguard(&args, None);
+    lg.wait_ready(true).await;
+    let pid = lg.pid();
+    // Warm up the allocator and the runtime with a first, smaller wave.
+    let count = Arc::new(FloodCount::default());
+    drop(flood("silent", "127.0.0.2", 200, lg.addr, count.clone()).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid);
+    let base_fds = fds_of(pid);
+    let n = 1500;
+    let held = futures_util::future::join_all([
+        flood("silent", "127.0.0.2", n, lg.addr, count.clone()),
+        flood("slowloris", "127.0.0.3", n, lg.addr, count.clone()),
+    ])
+    .await;
+    let placed: usize = held.iter().map(|h| h.len()).sum();
+    let deadline = Instant::now() + SOON;
+    while fds_of(pid) < base_fds + placed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("placed {placed}, lifeguard fds {}", fds_of(pid));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let open = fds_of(pid) - base_fds;
+    let during = rss_kib(pid);
+    println!(
+        "UNAUTHENTICATED: {placed} placed, {open} held, RSS {before} -> {during} KiB: {} B each",
+        (during.saturating_sub(before)) * 1024 / open.max(1) as u64
+    );
+    assert!(
+        open * 10 >= placed * 9,
+        "lifeguard holds them ({open} of {placed})"
+    );
+    let each = (during.saturating_sub(before)) * 1024 / open as u64;
+    assert!(each < 6 * 1024, "{each} B per unauthenticated connection");
+    drop(held);
+    assert_eq!(lg.stop(), Some(0));
 }

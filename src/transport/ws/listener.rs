@@ -66,14 +66,14 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
         let lifetime = budget + snap.settings.connect_timeout + Duration::from_secs(1);
         state.drain.spawn_session(async move {
             let started = tokio::time::Instant::now();
-            // A connection that has sent nothing costs no buffer: hyper allocates its read
-            // buffer on the first read, so wait for bytes first.
-            let spoke = tokio::select! {
-                r = tokio::time::timeout(budget, stream.readable()) => matches!(r, Ok(Ok(()))),
+            // Until its request head is complete, a connection costs no buffer of its own:
+            // hyper allocates 16 KiB (read and write buffers) as soon as it runs.
+            let complete = tokio::select! {
+                r = tokio::time::timeout(budget, request_head_arrived(&stream)) => matches!(r, Ok(true)),
                 _ = conn_state.drain.accepting_stopped() => false,
             };
-            if !spoke {
-                tracing::debug!(%peer, "client sent no request in time");
+            if !complete {
+                tracing::debug!(%peer, "client sent no complete request in time");
                 return;
             }
             let svc_state = conn_state.clone();
@@ -99,6 +99,58 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
             }
         });
     }
+}
+
+thread_local! {
+    /// Where waiting connections peek at their request head (one per worker thread).
+    static PEEK_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; MAX_REQUEST_BYTES].into_boxed_slice());
+}
+
+/// How often a connection's partial request is looked at before hyper takes over anyway
+/// (a client dribbling its head a byte at a time costs a peek per byte).
+const MAX_PEEKS: usize = 16;
+
+/// Wait until `stream` holds a whole request head (or enough bytes that hyper should
+/// judge it, or too many peeks): true then; false when the client hung up or failed. The
+/// bytes stay in the kernel's buffer, peeked into a per-thread buffer.
+async fn request_head_arrived(stream: &TcpStream) -> bool {
+    use std::task::Poll;
+    for _ in 0..MAX_PEEKS {
+        let peeked = std::future::poll_fn(|cx| {
+            PEEK_BUF.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                let mut rb = tokio::io::ReadBuf::new(&mut buf[..]);
+                match stream.poll_peek(cx, &mut rb) {
+                    Poll::Ready(Ok(0)) => Poll::Ready(None),
+                    Poll::Ready(Ok(n)) => {
+                        let head = &rb.filled()[..n];
+                        let whole = n == MAX_REQUEST_BYTES
+                            || memchr::memmem::find(head, b"\r\n\r\n").is_some();
+                        Poll::Ready(Some(whole))
+                    }
+                    Poll::Ready(Err(_)) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+        })
+        .await;
+        match peeked {
+            None => return false,
+            Some(true) => return true,
+            Some(false) => {
+                // Part of a head: wait for the next bytes, not for the ones already here
+                // (clearing the readiness makes `readable` wait for the next edge).
+                let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
+                if stream.readable().await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+    true
 }
 
 /// 503 before any handshake: the cap (or this address's share) is full. Written at once;
