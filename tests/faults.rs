@@ -12,6 +12,7 @@
 //! ```text
 //! LIFEGUARD_SOAK_SECS=300 cargo test --release --test faults soak -- --nocapture
 //! LIFEGUARD_FLOOD_SOCKETS=5000 LIFEGUARD_FLOOD_ROUNDS=3 LIFEGUARD_FLOOD_NOFILE=0 \
+//!     LIFEGUARD_FLOOD_HANDSHAKE_TIMEOUT=3s LIFEGUARD_FLOOD_KINDS=silent,slowloris,handshake \
 //!     cargo test --release --test faults fd_exhaustion -- --nocapture
 //! ```
 
@@ -687,7 +688,9 @@ async fn fd_exhaustion_never_takes_healthy_sessions_down() {
         let sim = SimProc::start(&[]);
         let mut args = t.args(&sim);
         args.extend(fast_probes());
-        args.extend(["--handshake-timeout".to_string(), "1s".to_string()]);
+        let deadline = std::env::var("LIFEGUARD_FLOOD_HANDSHAKE_TIMEOUT");
+        let deadline = deadline.as_deref().unwrap_or("1s");
+        args.extend(["--handshake-timeout".to_string(), deadline.to_string()]);
         let mut lg = spawn_lifeguard(&args, nofile);
         lg.wait_ready(true).await;
         let started = lg.wait_log(SOON, |v| v["message"] == "lifeguard started");
@@ -765,8 +768,20 @@ async fn fd_exhaustion_never_takes_healthy_sessions_down() {
         if pause > 0 {
             println!("FLOOD over; lifeguard pid {pid} paused for {pause} s");
         }
-        tokio::time::sleep(Duration::from_secs(2 + pause)).await;
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+        // The flood's memory goes back to the system once its connections are gone.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while rss_kib(pid) >= base_rss + 8 * 1024 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let settled_rss = rss_kib(pid);
+        let released =
+            lg.count_logs(|v| v["message"] == "gave freed memory back to the operating system");
+        println!("FLOOD memory handed back to the system {released} times");
+        assert!(
+            settled_rss < base_rss + 8 * 1024,
+            "RSS {base_rss} KiB before, {settled_rss} KiB after the flood"
+        );
         let (_, state) = lg.admin("GET", "/state").await;
         let after: serde_json::Value = serde_json::from_str(&state).unwrap();
         assert_eq!(
