@@ -1127,3 +1127,71 @@ async fn an_unauthenticated_connection_costs_a_few_kib() {
     drop(held);
     assert_eq!(lg.stop(), Some(0));
 }
+
+/// With the cap set above what the open-file limit allows, exhaustion does happen: probes
+/// that cannot open a socket are skipped, not counted against the backend, so no healthy
+/// session is swept, and everything is back once the flood is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_open_file_limit_the_backend_is_never_blamed() {
+    let _one = HEAVY.lock().await;
+    for t in Transport::ALL {
+        let sim = SimProc::start(&[]);
+        let mut args = t.args(&sim);
+        args.extend(fast_probes());
+        for a in ["--max-connections", "100000", "--handshake-timeout", "3s"] {
+            args.push(a.to_string());
+        }
+        let mut lg = spawn_lifeguard(&args, Some(256));
+        lg.wait_ready(true).await;
+        let pid = lg.pid();
+        let clients = t.attach(&lg, EVENT_CLIENTS, API_CLIENTS).await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let watchers: Vec<_> = clients
+            .into_iter()
+            .map(|c| tokio::spawn(c.observe(until)))
+            .collect();
+        let count = Arc::new(FloodCount::default());
+        let held = futures_util::future::join_all([
+            flood("silent", "127.0.0.2", 200, lg.addr, count.clone()),
+            flood("silent", "127.0.0.3", 200, lg.addr, count.clone()),
+        ])
+        .await;
+        // Out of descriptors for more than `fall` probe intervals.
+        let exhausted_at = fds_of(pid);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        sim.cmd("emit_seq 1 50").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(held);
+        lg.wait_ready(true).await;
+        let m = lg.metrics().await;
+        let skipped =
+            metric(&m, "lifeguard_probes_skipped_total", &[("reason", "local")]).unwrap_or(0.0);
+        let down = metric(
+            &m,
+            "lifeguard_upstream_transitions_total",
+            &[("cause", "unhealthy")],
+        )
+        .unwrap_or(0.0);
+        println!(
+            "FD LIMIT {}: lifeguard at {exhausted_at} of 256 fds; {skipped} probes skipped for a local shortage, {down} transitions to down",
+            t.name()
+        );
+        assert!(skipped >= 1.0, "probes ran into the limit");
+        assert_eq!(down, 0.0, "the backend was never blamed");
+        let t0 = Instant::now();
+        sim.cmd("disable_v4").await;
+        let mut seen = Vec::new();
+        for w in watchers {
+            seen.push(w.await.unwrap());
+        }
+        let lost: usize = seen.iter().map(|o| lost_of(o, 50)).sum();
+        report(*t, "open-file limit reached (cap off)", &seen, t0, lost);
+        for o in &seen {
+            assert_eq!(o.close, Some(1013), "{o:?}");
+            if o.gets_events {
+                assert!(o.disable_last && o.disable_count == 1, "{o:?}");
+            }
+        }
+        assert_eq!(lg.stop(), Some(0));
+    }
+}
