@@ -5,7 +5,7 @@
 //! |-----------------|------------------------------------------------------------|
 //! | `GET /live`     | 200 while the process runs                                 |
 //! | `GET /ready`    | 200 when the backend is up, 503 otherwise (JSON state)     |
-//! | `GET /state`    | 200, JSON: state, cause, reason, since, open sessions      |
+//! | `GET /state`    | 200, JSON: state, cause, reason, since, open sessions, connections |
 //! | `GET /metrics`  | Prometheus text format                                     |
 //! | `POST /disable` | backend disabled by the operator: sessions closed with 1012 |
 //! | `POST /enable`  | back to following health                                   |
