@@ -57,6 +57,8 @@ HAP_PORT=$((BASE_PORT + 30))
 FLOOR_PORT=$((BASE_PORT + 40))
 
 # 9,000 sessions: the load generator holds 9,000 fds, the simulator 9,000, a proxy 18,000.
+# They all come from 127.0.0.1, so lifeguard runs with --max-connections-per-ip 20000 (the
+# default, half the cap, is meant for real deployments).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 19000 ] && [ "$QUICK" = 0 ]; then
   echo "run.sh: warning: fd limit $(ulimit -n) is below 19,000; the 9,000-session figures will fail" >&2
@@ -188,7 +190,8 @@ start_target() { # name: sets URL, PIDS, ADMIN_ARG, TARGET_PID
       URL="ws://127.0.0.1:$SIM_PORT"; PIDS=""; TARGET_PID="" ;;
     lifeguard)
       "$LIFEGUARD" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
-        --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" >"$WORK/lifeguard.log" 2>&1 &
+        --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" \
+        --max-connections-per-ip 20000 >"$WORK/lifeguard.log" 2>&1 &
       TARGET_PID=$!
       wait_port "$LG_PORT"
       URL="ws://127.0.0.1:$LG_PORT"; PIDS=$TARGET_PID
