@@ -6,14 +6,22 @@
 #                                  nginx/haproxy only if already installed)
 #   options: --reps N  --targets "direct lifeguard nginx haproxy floor"  --no-install
 #            --release (quick run with release builds)  --out DIR (default target/bench)
+#   env:     BENCH_SCENARIOS=idle,tput,rtt,disable,detect (any subset)
+#            BENCH_LIFEGUARD=/path/to/lifeguard (A/B runs of another build)
+#            BENCH_LIFEGUARD_B=/path/to/lifeguard (target lifeguard-b: a second build in the
+#            same interleaved run, e.g. before/after a change)
 #
 # `floor` is a reference, not a competitor: the relay bench binary copying bytes both ways
 # (tokio copy_bidirectional, 64 KiB buffers), the cost of one user-space hop and nothing else.
+# nginx and haproxy relay with 64 KiB buffers, like lifeguard and floor (see BENCHMARKS.md,
+# "The HAProxy anchor"); `nginx-4k` and `haproxy-16k` (not in the default list) are the same
+# proxies with their default buffer sizes, the configuration of earlier runs.
 # Everything listens on 127.0.0.1 only. One simulator process (lifeguard::sim, driven by the
 # `relay` bench binary) is the upstream of every target. Results: DIR/results.jsonl and the
 # table in DIR/table.md (also printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ARGS="$*"
 
 QUICK=0
 REPS=""
@@ -21,7 +29,8 @@ TARGETS="direct lifeguard nginx haproxy floor"
 INSTALL=1
 RELEASE=""
 OUT=target/bench
-BASE_PORT=${BENCH_BASE_PORT:-19100}
+# Per run, so that two runs on one machine never measure each other's processes.
+BASE_PORT=${BENCH_BASE_PORT:-$((19100 + ($$ % 40) * 100))}
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -30,7 +39,7 @@ while [ $# -gt 0 ]; do
     --no-install) INSTALL=0 ;;
     --release) RELEASE=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 64 ;;
   esac
   shift
@@ -57,7 +66,7 @@ HAP_PORT=$((BASE_PORT + 30))
 FLOOR_PORT=$((BASE_PORT + 40))
 
 # 9,000 sessions: the load generator holds 9,000 fds, the simulator 9,000, a proxy 18,000.
-# They all come from 127.0.0.1, so lifeguard runs with --max-connections-per-ip 20000 (the
+# They all come from 127.0.0.1, so lifeguard runs with LIFEGUARD_MAX_CONNECTIONS_PER_IP=20000 (the
 # default, half the cap, is meant for real deployments).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 19000 ] && [ "$QUICK" = 0 ]; then
@@ -81,8 +90,8 @@ export PATH="$PATH:/usr/sbin:/sbin"
 avail=""
 for t in $TARGETS; do
   case "$t" in
-    nginx|haproxy)
-      if command -v "$t" >/dev/null; then avail="$avail $t"; else echo "run.sh: $t not installed, skipped" >&2; fi ;;
+    nginx|haproxy|nginx-4k|haproxy-16k)
+      if command -v "${t%-*}" >/dev/null; then avail="$avail $t"; else echo "run.sh: ${t%-*} not installed, $t skipped" >&2; fi ;;
     *) avail="$avail $t" ;;
   esac
 done
@@ -136,22 +145,34 @@ wait_port() { # port: until it accepts a TCP connection, at most 10 s
 SIM_PID=$!
 wait_port "$CTL_PORT"
 
-mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
 # worker_processes 2 (one per core); HAProxy nbthread 2; lifeguard: tokio's default of one
-# worker thread per core (2). Plain WebSocket tunnels, otherwise defaults.
-cat >"$WORK/nginx/nginx.conf" <<EOF
+# worker thread per core (2). Plain WebSocket tunnels, no logging, and every relay reads up to
+# 64 KiB per call, as lifeguard (one 64 KiB read buffer per worker thread) and floor do:
+# - nginx: proxy_buffer_size 64k is the buffer of the upstream-to-client direction of an
+#   upgraded connection (default: one page, 4 KiB = 9-10 message events per read). It is
+#   allocated per connection; only pages that data touched count in RSS. proxy_buffers and
+#   proxy_busy_buffers_size only satisfy nginx's check that they fit around it (a tunnel
+#   does not use them).
+# - HAProxy: tune.bufsize 65536 (default 16384 = 38 message events per read). Buffers come
+#   from a pool and are held only while data is in flight, so idle sessions cost the same.
+#   `mode http`, because routing the upgrade needs the HTTP layer; once upgraded the session
+#   is a tunnel (`timeout tunnel`), and `mode tcp` measured the same CPU per event.
+nginx_conf() { # dir extra_lines: an nginx prefix directory with its nginx.conf
+  local d=$1
+  mkdir -p "$d/logs" "$d/tmp"
+  cat >"$d/nginx.conf" <<EOF
 worker_processes 2;
 worker_rlimit_nofile 20000;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/logs/error.log error;
+pid $d/nginx.pid;
+error_log $d/logs/error.log error;
 events { worker_connections 19000; }
 http {
   access_log off;
-  client_body_temp_path $WORK/nginx/tmp/body;
-  proxy_temp_path $WORK/nginx/tmp/proxy;
-  fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
-  uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
-  scgi_temp_path $WORK/nginx/tmp/scgi;
+  client_body_temp_path $d/tmp/body;
+  proxy_temp_path $d/tmp/proxy;
+  fastcgi_temp_path $d/tmp/fastcgi;
+  uwsgi_temp_path $d/tmp/uwsgi;
+  scgi_temp_path $d/tmp/scgi;
   upstream sim { server 127.0.0.1:$SIM_PORT; }
   server {
     listen 127.0.0.1:$NGINX_PORT backlog=4096;
@@ -162,14 +183,22 @@ http {
       proxy_set_header Connection "upgrade";
       proxy_read_timeout 1h;
       proxy_send_timeout 1h;
+$2
     }
   }
 }
 EOF
-cat >"$WORK/haproxy.cfg" <<EOF
+}
+nginx_conf "$WORK/nginx" "      proxy_buffer_size 64k;
+      proxy_buffers 4 64k;
+      proxy_busy_buffers_size 128k;"
+nginx_conf "$WORK/nginx-4k" ""
+haproxy_cfg() { # file extra_global_lines
+  cat >"$1" <<EOF
 global
   maxconn 9600
   nbthread 2
+$2
 defaults
   mode http
   timeout connect 5s
@@ -182,29 +211,32 @@ frontend fe
 backend sim
   server sim 127.0.0.1:$SIM_PORT
 EOF
+}
+haproxy_cfg "$WORK/haproxy.cfg" "  tune.bufsize 65536"
+haproxy_cfg "$WORK/haproxy-16k.cfg" ""
 
 start_target() { # name: sets URL, PIDS, ADMIN_ARG, TARGET_PID
   ADMIN_ARG=()
   case "$1" in
     direct)
       URL="ws://127.0.0.1:$SIM_PORT"; PIDS=""; TARGET_PID="" ;;
-    lifeguard)
-      "$LIFEGUARD" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
-        --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" \
-        --max-connections-per-ip 20000 >"$WORK/lifeguard.log" 2>&1 &
+    lifeguard|lifeguard-b)
+      bin=$LIFEGUARD; [ "$1" = lifeguard-b ] && bin=${BENCH_LIFEGUARD_B:?lifeguard-b needs BENCH_LIFEGUARD_B=/path/to/another/lifeguard}
+      LIFEGUARD_MAX_CONNECTIONS_PER_IP=20000 "$bin" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
+        --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" >"$WORK/lifeguard.log" 2>&1 &
       TARGET_PID=$!
       wait_port "$LG_PORT"
       URL="ws://127.0.0.1:$LG_PORT"; PIDS=$TARGET_PID
       ADMIN_ARG=(--admin "127.0.0.1:$LG_ADMIN") ;;
-    nginx)
-      nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+    nginx|nginx-4k)
+      nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" -g 'daemon off;' &
       TARGET_PID=$!
       wait_port "$NGINX_PORT"
       sleep 0.2
       URL="ws://127.0.0.1:$NGINX_PORT"
       PIDS=$(echo "$TARGET_PID" $(pgrep -P "$TARGET_PID") | tr ' ' ',') ;;
-    haproxy)
-      haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+    haproxy|haproxy-16k)
+      haproxy -db -f "$WORK/$1.cfg" >"$WORK/$1.log" 2>&1 &
       TARGET_PID=$!
       wait_port "$HAP_PORT"
       URL="ws://127.0.0.1:$HAP_PORT"; PIDS=$TARGET_PID ;;
@@ -222,6 +254,7 @@ read -r -a TLIST <<<"$TARGETS"
 N=${#TLIST[@]}
 FAILED=0
 START=$(date +%s)
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for rep in $(seq "$REPS"); do
   for i in $(seq 0 $((N - 1))); do
     t=${TLIST[$(((i + rep - 1) % N))]}
@@ -241,7 +274,8 @@ echo "run.sh: $REPS repetition(s) of [$TARGETS] in $(($(date +%s) - START)) s; $
 "$RELAY" report --input "$RESULTS" --markdown "$OUT/table.md"
 {
   echo
-  echo "command: benches/run.sh $([ "$QUICK" = 1 ] && echo --quick) (reps $REPS)"
+  echo "command: ${BENCH_SCENARIOS:+BENCH_SCENARIOS=$BENCH_SCENARIOS }benches/run.sh $ARGS (reps $REPS; targets$TARGETS)"
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- benches 2>/dev/null || echo ' (benches/ modified)'); load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r)"
   echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2 || true); haproxy: $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f3 || true)"
 } | tee -a "$OUT/table.md"

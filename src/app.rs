@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::config::{RunArgs, Settings};
 use crate::intent::{admin, napcat, probe, reload};
 use crate::state::State;
+use crate::transport::notify;
 use crate::transport::ws::listener;
 
 /// How long start-up waits for NapCat's file before going on without it.
@@ -36,6 +37,8 @@ impl Proxy {
         let admin_addr = admin.local_addr()?;
         let state = State::new(settings);
 
+        // Webhooks follow the history from its first record (the first "up" included).
+        notify::start(&state);
         // Intent first: NapCat's file, then the probes.
         let first_read = napcat::start(&state);
         if tokio::time::timeout(NAPCAT_FIRST_READ, first_read)

@@ -167,6 +167,7 @@ async fn walkthrough(args: &mut RunArgs, demo: &DemoArgs) -> Result<(), String> 
         println!(
             "   disable:    curl -X POST {admin}/disable    enable: curl -X POST {admin}/enable"
         );
+        println!("   status:     {admin}/  (the status page)    or: lifeguard status --admin-listen {admin_addr}");
         println!("   state:      curl {admin}/state              metrics: curl {admin}/metrics");
         println!("   a sample group message is emitted every 5 s; Ctrl-C to stop");
         let mut seq = 100;

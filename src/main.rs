@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig) => check_config(&cli.run),
         Some(Command::Health(h)) => lifeguard::cli::health(&cli.run, &h),
+        Some(Command::Status(st)) => lifeguard::cli::status(&cli.run, &st),
         Some(Command::Demo(d)) => {
             let _log = lifeguard::cli::init_tracing(cli.run.log_format.unwrap_or_default());
             runtime().block_on(lifeguard::demo::run(cli.run, d))

@@ -5,6 +5,7 @@
 //! `lane` (the state's) or `transport` (sessions, handshakes) labels with the lane's name,
 //! and exist only for lanes that are configured.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -19,10 +20,26 @@ use crate::proto::onebot::Role;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Shards of the relayed-traffic counters: more than the worker threads there are.
+const SHARDS: usize = 16;
+
+/// One thread's (frames, bytes) to the client and to the backend, alone on its cache line.
+#[derive(Default)]
+#[repr(align(128))]
+struct RelayedShard([AtomicU64; 4]);
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's shard, handed out round robin.
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+}
+
 /// Every metric lifeguard exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
     upstream_up: Family<Labels, Gauge>,
+    upstream_cause: Family<Labels, Gauge>,
     state_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     transitions: Family<Labels, Counter>,
     probe_seconds: Family<Labels, Histogram>,
@@ -33,13 +50,23 @@ pub struct Metrics {
     connections_open: Gauge,
     connections_refused: Family<Labels, Counter>,
     probes_skipped: Family<Labels, Counter>,
+    notify_delivered: Counter,
+    notify_dropped: Family<Labels, Counter>,
     /// Pre-resolved handles for the hot path: (frames, bytes) to the client and to the backend.
     to_client: (Counter, Counter),
     to_backend: (Counter, Counter),
+    /// What the hot path adds, per worker thread, before a scrape folds it into the four
+    /// counters above: one shared counter per direction would bounce its cache line
+    /// between cores on every request.
+    relayed_shards: Box<[RelayedShard; SHARDS]>,
 }
 
 fn l(k: &'static str, v: impl Into<String>) -> Labels {
     vec![(k, v.into())]
+}
+
+fn lane_cause(lane: &'static str, cause: &str) -> Labels {
+    vec![("lane", lane.to_string()), ("cause", cause.to_string())]
 }
 
 fn session(transport: &'static str, role: Role) -> Labels {
@@ -59,6 +86,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut r = Registry::with_prefix("lifeguard");
         let upstream_up = Family::<Labels, Gauge>::default();
+        let upstream_cause = Family::<Labels, Gauge>::default();
         let state_seconds = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let transitions = Family::<Labels, Counter>::default();
         let probe_seconds: Family<Labels, Histogram> =
@@ -87,10 +115,17 @@ impl Metrics {
             "Probes that could not run for a local reason (no file descriptor), not counted against the backend",
             probes_skipped.clone(),
         );
+        let notify_delivered = Counter::default();
+        let notify_dropped = Family::<Labels, Counter>::default();
         r.register(
             "upstream_up",
             "1 when the lane is up (accepting sessions), 0 when down, by lane",
             upstream_up.clone(),
+        );
+        r.register(
+            "upstream_cause",
+            "1 for the cause of the lane's current state (healthy, starting, admin, config, napcat-config, unhealthy, offline, shutdown), by lane and cause",
+            upstream_cause.clone(),
         );
         r.register(
             "upstream_state_seconds",
@@ -137,6 +172,19 @@ impl Metrics {
             "Config reloads, by result",
             reloads.clone(),
         );
+        r.register(
+            "notify_delivered",
+            "Webhook posts (--notify-url) a receiver accepted with a 2xx",
+            notify_delivered.clone(),
+        );
+        r.register(
+            "notify_dropped",
+            "Webhook posts given up, by reason: failed (every retry failed), queue_full (the receiver was too slow), missed (the history ring overran)",
+            notify_dropped.clone(),
+        );
+        for reason in ["failed", "queue_full", "missed"] {
+            let _ = notify_dropped.get_or_create(&l("reason", reason));
+        }
         let to_client = (
             frames.get_or_create(&l("direction", "to_client")).clone(),
             bytes.get_or_create(&l("direction", "to_client")).clone(),
@@ -151,6 +199,7 @@ impl Metrics {
         Metrics {
             registry: Mutex::new(r),
             upstream_up,
+            upstream_cause,
             state_seconds,
             transitions,
             probe_seconds,
@@ -161,26 +210,39 @@ impl Metrics {
             connections_open,
             connections_refused,
             probes_skipped,
+            notify_delivered,
+            notify_dropped,
             to_client,
             to_backend,
+            relayed_shards: Box::new(std::array::from_fn(|_| RelayedShard::default())),
         }
     }
 
     /// A configured lane's state: its series exist from now on, sessions' included.
-    pub fn lane_configured(&self, lane: &'static str, up: bool, roles: &[Role]) {
+    pub fn lane_configured(&self, lane: &'static str, up: bool, cause: &str, roles: &[Role]) {
         self.upstream_up
             .get_or_create(&l("lane", lane))
             .set(up as i64);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, cause))
+            .set(1);
         for role in roles {
             let _ = self.sessions_open.get_or_create(&session(lane, *role));
         }
     }
 
-    /// A lane changed state: its up gauge, and transitions by the new cause.
-    pub fn transition(&self, lane: &'static str, up: bool, cause: &str) {
+    /// A lane changed state (from the cause `was`): its up and cause gauges, and
+    /// transitions by the new cause.
+    pub fn transition(&self, lane: &'static str, up: bool, was: &str, cause: &str) {
         self.upstream_up
             .get_or_create(&l("lane", lane))
             .set(up as i64);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, was))
+            .set(0);
+        self.upstream_cause
+            .get_or_create(&lane_cause(lane, cause))
+            .set(1);
         self.transitions
             .get_or_create(&vec![
                 ("lane", lane.to_string()),
@@ -228,18 +290,35 @@ impl Metrics {
             .inc();
     }
 
-    /// Frames and bytes just relayed (deltas), per read batch.
+    /// Frames and bytes just relayed (deltas), per read batch: an uncontended add to this
+    /// thread's shard.
     pub fn relayed(&self, to_client: bool, frames: u64, bytes: u64) {
-        let (f, b) = if to_client {
-            &self.to_client
-        } else {
-            &self.to_backend
-        };
-        if frames > 0 {
-            f.inc_by(frames);
+        let shard = &self.relayed_shards[SHARD.with(|s| *s)];
+        let i = if to_client { 0 } else { 2 };
+        shard.0[i].fetch_add(frames, Ordering::Relaxed);
+        shard.0[i + 1].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Fold the shards into the exported counters (only `render` calls it, under the
+    /// registry lock, so no two folds race).
+    fn fold_relayed(&self) {
+        let mut sums = [0u64; 4];
+        for shard in self.relayed_shards.iter() {
+            for (sum, v) in sums.iter_mut().zip(&shard.0) {
+                *sum += v.load(Ordering::Relaxed);
+            }
         }
-        if bytes > 0 {
-            b.inc_by(bytes);
+        let exported = [
+            &self.to_client.0,
+            &self.to_client.1,
+            &self.to_backend.0,
+            &self.to_backend.1,
+        ];
+        for (counter, sum) in exported.into_iter().zip(sums) {
+            let delta = sum.saturating_sub(counter.get());
+            if delta > 0 {
+                counter.inc_by(delta);
+            }
         }
     }
 
@@ -274,6 +353,18 @@ impl Metrics {
             .inc();
     }
 
+    /// A webhook post was accepted.
+    pub fn notify_delivered(&self) {
+        self.notify_delivered.inc();
+    }
+
+    /// `n` webhook posts were given up for `reason` (`failed`, `queue_full`, `missed`).
+    pub fn notify_dropped(&self, reason: &'static str, n: u64) {
+        self.notify_dropped
+            .get_or_create(&l("reason", reason))
+            .inc_by(n);
+    }
+
     /// The text exposition format; `state_for` is how long each configured lane's
     /// current state has lasted.
     pub fn render(&self, state_for: &[(&'static str, Duration)]) -> String {
@@ -284,6 +375,7 @@ impl Metrics {
         }
         let mut out = String::new();
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        self.fold_relayed();
         if encode(&mut out, &reg).is_err() {
             out.clear();
         }

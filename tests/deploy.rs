@@ -614,6 +614,7 @@ impl Compose {
     fn filled_vars(&self) -> Env {
         let mut vars = self.vars.clone();
         vars.insert("ONEBOT_TOKEN".into(), "compose-test-token".into());
+        vars.insert("ADMIN_TOKEN".into(), "compose-admin-token".into());
         vars
     }
 

@@ -119,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
     }
     match (&whole.stop, &pieces.stop) {
         (Some(Stop::Violation { code: a, .. }), Some(Stop::Violation { code: b, .. })) => {
-            assert_eq!(a, b, "the same rule broken, whatever the reads")
+            assert_eq!(a, b, "the same rule broken, whatever the reads: {:?} ({}) vs {:?} ({})", whole.stop, whole.forwarded.len(), pieces.stop, pieces.forwarded.len())
         }
         (Some(Stop::Violation { .. }), other) | (other, Some(Stop::Violation { .. })) => {
             // Only a check on a payload (UTF-8) can fire in one reading and not yet in the

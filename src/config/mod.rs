@@ -21,7 +21,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use file::{parse_file_config, read_file_config};
-pub use values::{parse_duration, LogFormat, Secret, UpstreamUrl};
+pub use values::{parse_duration, LogFormat, NotifyUrl, Secret, UpstreamUrl};
 
 use fields::settings;
 use values::*;
@@ -65,6 +65,22 @@ pub enum Command {
     CheckConfig,
     /// Query the admin listener's /live (or /ready) endpoint; exit 0 when it answers 200.
     Health(HealthArgs),
+    /// Show the state, the backend, open sessions and recent transitions (the status page in
+    /// a terminal); exit 0 when every transport is up, 1 when one is down.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// How many recent transitions to show.
+    #[arg(long, default_value_t = 10)]
+    pub transitions: usize,
+    /// How long to wait for the admin listener.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub timeout: Duration,
+    /// Print the admin listener's JSON (/state with its transitions) instead of the text view.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -113,9 +129,15 @@ settings! {
     /// Token lifeguard presents to the backend [default: the access token].
     upstream_token: Option<Secret> = None, from String, via secret, applied Live,
         arg(env = "LIFEGUARD_UPSTREAM_TOKEN", value_name = "TOKEN", hide_env_values = true), file();
-    /// Admin listener: /live, /ready, /state, /metrics, POST /disable, POST /enable [default: 127.0.0.1:6701].
+    /// Admin listener: status page, /live, /ready, /state, /transitions, /metrics, POST /disable, POST /enable [default: 127.0.0.1:6701].
     admin_listen: SocketAddr = default_addr(DEFAULT_ADMIN_LISTEN), from SocketAddr, via same, applied Restart,
         arg(env = "LIFEGUARD_ADMIN_LISTEN", value_name = "ADDR"), file();
+    /// Token the admin listener asks for (Authorization: Bearer) on everything but /live, /ready and /metrics; unset = open.
+    admin_token: Option<Secret> = None, from String, via secret, applied Live,
+        arg(env = "LIFEGUARD_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true), file();
+    /// POST a JSON document to this http:// URL on every state transition (repeatable; env: comma-separated).
+    notify_url: Vec<NotifyUrl> = Vec::new(), from Vec<String>, via notify_urls, applied Restart,
+        arg(env = "LIFEGUARD_NOTIFY_URL", value_name = "URL", value_delimiter = ',', hide_env_values = true), file();
     /// Time between active probes (a WebSocket handshake on the backend's /api) [default: 1s].
     probe_interval: Duration = DEFAULT_PROBE_INTERVAL, from Duration, via positive("probe_interval"), applied Live,
         arg(env = "LIFEGUARD_PROBE_INTERVAL", value_name = "DUR", value_parser = parse_duration),

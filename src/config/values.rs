@@ -138,6 +138,97 @@ impl fmt::Display for UpstreamUrl {
     }
 }
 
+/// Where a webhook goes: `http://host[:port][/path][?query]`. Chat webhooks carry their key
+/// in the path or query, so it is shown (logs, `check-config`) as `http://host:port/…`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NotifyUrl {
+    /// Host as written (brackets stripped from IPv6 literals).
+    pub host: String,
+    pub port: u16,
+    /// `/path?query` as written (at least `/`): what goes into the request line.
+    pub target: String,
+}
+
+impl NotifyUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let Some(rest) = s.strip_prefix("http://") else {
+            if s.starts_with("https://") {
+                return Err(
+                    "notify_url: https:// is not supported (lifeguard has no TLS client); post to a local relay or to Alertmanager over http:// (see the README)"
+                        .into(),
+                );
+            }
+            return Err(
+                "notify_url must start with http://, as in http://127.0.0.1:9093/hook".into(),
+            );
+        };
+        let (authority, target) = match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('/') => (&rest[..i], rest[i..].to_string()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_string()),
+        };
+        let target = target.split('#').next().unwrap_or("/").to_string();
+        if authority.contains('@') {
+            return Err(
+                "notify_url: user:password@ is not supported; put a token in the path or query"
+                    .into(),
+            );
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let end = v6
+                .find(']')
+                .ok_or_else(|| "notify_url: unterminated [ in host".to_string())?;
+            (&v6[..end], v6[end + 1..].strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err("notify_url has no host".into());
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("notify_url: port {p:?} is not a number 1-65535"))?,
+            None => 80,
+        };
+        if target.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err("notify_url: spaces and control characters must be percent-encoded".into());
+        }
+        Ok(NotifyUrl {
+            host: host.to_string(),
+            port,
+            target,
+        })
+    }
+
+    /// `host:port`, for the Host header and for connecting.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for NotifyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rest = if self.target == "/" { "/" } else { "/…" };
+        write!(f, "http://{}{rest}", self.authority())
+    }
+}
+
+impl fmt::Debug for NotifyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -167,6 +258,15 @@ pub fn secret(v: String) -> Result<Option<Secret>, String> {
 
 pub fn upstream_url(v: String) -> Result<Option<UpstreamUrl>, String> {
     UpstreamUrl::parse(&v).map(Some)
+}
+
+/// Webhook URLs (repeatable); empty entries are skipped.
+pub fn notify_urls(v: Vec<String>) -> Result<Vec<NotifyUrl>, String> {
+    v.iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(NotifyUrl::parse)
+        .collect()
 }
 
 /// A duration above zero; `what` names the setting in the message.
@@ -272,6 +372,7 @@ render_display!(
     String,
     SocketAddr,
     UpstreamUrl,
+    NotifyUrl,
     Secret
 );
 

@@ -1,32 +1,34 @@
 //! Following NapCat's own config file (`--napcat-config`, `--napcat-server`).
 //!
 //! NapCat keeps its OneBot settings in `<workdir>/config/onebot11_<uin>.json`; its WebUI
-//! rewrites that file when the operator switches the forward WebSocket server off or on,
-//! moves its port or changes its token. lifeguard reads the file at start, then again on
-//! every change (a `notify` watch of the directory, debounced by [`DEBOUNCE`]), with a
-//! poll every [`POLL_EVERY`] as a fallback, and:
+//! rewrites that file when the operator switches one of its network entries off or on,
+//! moves a port or changes a token. lifeguard reads the file at start (before anything
+//! talks to the backend), then again on every change (a `notify` watch of the directory,
+//! debounced by [`DEBOUNCE`]), with a poll every [`POLL_EVERY`] as a fallback. For each
+//! transport lifeguard relays, it follows the matching entry ([`wanted`]):
 //!
-//! - `enable: false` → the backend goes down with cause `napcat-config` (the disable
-//!   sequence, Close 1012, 503 for new handshakes); `enable: true` → back to following the
-//!   probes (up once they pass). An entry that was followed and disappears from the file
-//!   counts as disabled (the server is gone).
-//! - `port` → the upstream's port (the host stays what `--upstream` says).
-//! - `token` → the token lifeguard presents to the backend, unless the operator set
-//!   `--upstream-token` (flag, env or file) explicitly: then theirs is kept and a differing
-//!   NapCat token is reported once, without the token.
+//! - `enable: false` → that transport's lane goes down with cause `napcat-config` (the
+//!   disable sequence, Close 1012, 503 for new handshakes); `enable: true` → back to
+//!   following its health. An entry that was followed and disappears from the file counts
+//!   as disabled (the server is gone).
+//! - the forward WebSocket server's `port` → the upstream's port (the host stays what
+//!   `--upstream` says), and its `token` → the token lifeguard presents to the backend,
+//!   unless the operator set `--upstream-token` explicitly: then theirs is kept and a
+//!   differing NapCat token is reported once, without the token.
 //!
-//! Which server: both of NapCat's formats are understood. v4.1+ has a list,
-//! `network.websocketServers[]`: the entry named `--napcat-server`, or else the one whose
-//! `port` is the upstream's port (an enabled one first). Once found, an entry is followed
-//! by its name, so a port change does not lose it. The older flat format (v3.1.10 to
-//! v4.0.x) has one server, `ws` (`ws.enable`, `ws.port`, top-level `token`); a server name
-//! is ignored there.
+//! Which entry: both of NapCat's formats are understood. v4.1+ has lists
+//! (`network.websocketServers[]`, `websocketClients[]`, `httpServers[]`, `httpClients[]`):
+//! the entry named `--napcat-server` (forward WebSocket), or else a server on the port
+//! lifeguard talks to (a client whose URL points at the port lifeguard listens on), an
+//! enabled one first. Once found, an entry is followed by its name, so a port change does
+//! not lose it. The older flat format (v3.1.10 to v4.0.x) has one entry of each kind:
+//! `ws`, `reverseWs`, `http` and `http.enablePost`/`postUrls`, with a top-level `token`.
 //!
 //! Which file: `--napcat-config` may name the file itself, or NapCat's config directory.
 //! For a directory, the candidates are its `onebot11_*.json` files (NapCat's per-account
-//! files; the `onebot11.json` template is not one); the one holding the matching server
-//! is followed, the most recently modified if several do. A followed file that disappears
-//! is searched for again.
+//! files; the `onebot11.json` template is not one); the one holding the first wanted
+//! entry is followed, the most recently modified if several do. A followed file that
+//! disappears is searched for again.
 //!
 //! NapCat writes in place, not atomically: a read that does not parse is retried
 //! ([`RETRIES`] times, [`RETRY_GAP`] apart) and, if it still does not parse, ignored until
@@ -56,23 +58,82 @@ pub const RETRY_GAP: Duration = Duration::from_millis(50);
 // ---------------------------------------------------------------------------------------
 // NapCat's file formats.
 
-/// One forward WebSocket server as NapCat's file describes it.
+/// The kinds of network entry NapCat has, one per transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Forward WebSocket server (bots dial it).
+    WsServer,
+    /// Reverse WebSocket client (it dials the bots).
+    WsClient,
+    /// HTTP API server.
+    HttpServer,
+    /// HTTP POST client (it posts events).
+    HttpClient,
+}
+
+impl EntryKind {
+    const ALL: [EntryKind; 4] = [
+        EntryKind::WsServer,
+        EntryKind::WsClient,
+        EntryKind::HttpServer,
+        EntryKind::HttpClient,
+    ];
+
+    /// The v4 list it lives in.
+    fn list(self) -> &'static str {
+        match self {
+            EntryKind::WsServer => "websocketServers",
+            EntryKind::WsClient => "websocketClients",
+            EntryKind::HttpServer => "httpServers",
+            EntryKind::HttpClient => "httpClients",
+        }
+    }
+
+    /// Its name in the flat format.
+    fn flat(self) -> &'static str {
+        match self {
+            EntryKind::WsServer => "ws",
+            EntryKind::WsClient => "reverseWs",
+            EntryKind::HttpServer => "http",
+            EntryKind::HttpClient => "http (enablePost)",
+        }
+    }
+
+    /// What it is, for log lines and reasons.
+    fn what(self) -> &'static str {
+        match self {
+            EntryKind::WsServer => "WebSocket server",
+            EntryKind::WsClient => "reverse WebSocket client",
+            EntryKind::HttpServer => "HTTP server",
+            EntryKind::HttpClient => "HTTP POST client",
+        }
+    }
+
+    fn is_server(self) -> bool {
+        matches!(self, EntryKind::WsServer | EntryKind::HttpServer)
+    }
+}
+
+/// One network entry as NapCat's file describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WsServer {
-    /// `name` (v4 list); `None` for the flat format's `ws`.
+pub struct Entry {
+    pub kind: EntryKind,
+    /// `name` (v4 lists); `None` in the flat format.
     pub name: Option<String>,
     pub enable: Option<bool>,
+    /// Servers: the port they listen on.
     pub port: Option<u16>,
+    /// Clients: where they connect or post to.
+    pub urls: Vec<String>,
     pub token: Option<String>,
 }
 
 /// A parsed NapCat OneBot config.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NapcatFile {
-    /// v4.1+: `network.websocketServers[]`.
-    V4(Vec<WsServer>),
-    /// v3.1.10 to v4.0.x: `ws` and a top-level `token`.
-    Flat(WsServer),
+pub struct NapcatFile {
+    /// The flat format (v3.1.10 to v4.0.x): one entry of each kind, no names.
+    pub flat: bool,
+    pub entries: Vec<Entry>,
 }
 
 /// Parse NapCat's OneBot config. Errors: not JSON (half-written), or neither format.
@@ -84,34 +145,153 @@ pub fn parse(text: &str) -> Result<NapcatFile, String> {
             .and_then(|p| u16::try_from(p).ok())
     };
     let string = |o: &Value, k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
-    if let Some(list) = v.pointer("/network/websocketServers") {
-        let list = list
-            .as_array()
-            .ok_or("network.websocketServers is not a list")?;
-        return Ok(NapcatFile::V4(
-            list.iter()
-                .filter(|e| e.is_object())
-                .map(|e| WsServer {
-                    name: string(e, "name"),
-                    enable: e.get("enable").and_then(Value::as_bool),
-                    port: port(e),
-                    token: string(e, "token"),
-                })
+    let strings = |o: &Value, k: &str| -> Vec<String> {
+        match o.get(k) {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
                 .collect(),
-        ));
+            _ => Vec::new(),
+        }
+    };
+    if let Some(network) = v
+        .get("network")
+        .filter(|n| n.get("websocketServers").is_some())
+    {
+        let mut entries = Vec::new();
+        for kind in EntryKind::ALL {
+            let Some(list) = network.get(kind.list()) else {
+                continue;
+            };
+            let list = list
+                .as_array()
+                .ok_or_else(|| format!("network.{} is not a list", kind.list()))?;
+            entries.extend(list.iter().filter(|e| e.is_object()).map(|e| Entry {
+                kind,
+                name: string(e, "name"),
+                enable: e.get("enable").and_then(Value::as_bool),
+                port: port(e),
+                urls: strings(e, "url"),
+                token: string(e, "token"),
+            }));
+        }
+        return Ok(NapcatFile {
+            flat: false,
+            entries,
+        });
     }
-    if let Some(ws) = v.get("ws").filter(|w| w.is_object()) {
-        return Ok(NapcatFile::Flat(WsServer {
+    let Some(ws) = v.get("ws").filter(|w| w.is_object()) else {
+        return Err(
+            "neither network.websocketServers (NapCat v4) nor ws (older NapCat) is in it".into(),
+        );
+    };
+    let token = string(&v, "token");
+    let mut entries = vec![Entry {
+        kind: EntryKind::WsServer,
+        name: None,
+        enable: ws.get("enable").and_then(Value::as_bool),
+        port: port(ws),
+        urls: Vec::new(),
+        token: token.clone(),
+    }];
+    if let Some(r) = v.get("reverseWs").filter(|r| r.is_object()) {
+        entries.push(Entry {
+            kind: EntryKind::WsClient,
             name: None,
-            enable: ws.get("enable").and_then(Value::as_bool),
-            port: port(ws),
-            token: string(&v, "token"),
-        }));
+            enable: r.get("enable").and_then(Value::as_bool),
+            port: None,
+            urls: strings(r, "urls"),
+            token: token.clone(),
+        });
     }
-    Err("neither network.websocketServers (NapCat v4) nor ws (older NapCat) is in it".into())
+    if let Some(h) = v.get("http").filter(|h| h.is_object()) {
+        entries.push(Entry {
+            kind: EntryKind::HttpServer,
+            name: None,
+            enable: h.get("enable").and_then(Value::as_bool),
+            port: port(h),
+            urls: Vec::new(),
+            token: token.clone(),
+        });
+        entries.push(Entry {
+            kind: EntryKind::HttpClient,
+            name: None,
+            enable: h.get("enablePost").and_then(Value::as_bool),
+            port: None,
+            urls: strings(h, "postUrls"),
+            // The flat format signs posts with `http.secret`, not the token.
+            token: string(h, "secret"),
+        });
+    }
+    Ok(NapcatFile {
+        flat: true,
+        entries,
+    })
 }
 
-/// Which server a follower tracks.
+/// The port a `ws://` or `http://` URL points at.
+fn url_port(url: &str) -> Option<u16> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let port = match authority.rsplit_once(':') {
+        Some((host, p)) if !host.ends_with(']') || authority.starts_with('[') => p.parse().ok(),
+        _ => None,
+    };
+    port.or(match scheme {
+        "ws" | "http" => Some(80),
+        "wss" | "https" => Some(443),
+        _ => None,
+    })
+}
+
+/// An entry lifeguard follows for one of its lanes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    pub lane: Lane,
+    pub kind: EntryKind,
+    /// Follow the entry with this name (v4) when given.
+    pub name: Option<String>,
+    /// Else the server on this port, or the client pointing at it.
+    pub port: Option<u16>,
+}
+
+/// What the settings make lifeguard follow, the lane that picks the file first.
+pub fn wanted(s: &Settings) -> Vec<Want> {
+    let mut out = Vec::new();
+    if let Some(up) = &s.upstream {
+        out.push(Want {
+            lane: Lane::Forward,
+            kind: EntryKind::WsServer,
+            name: s.napcat_server.clone(),
+            port: Some(up.port),
+        });
+    }
+    out
+}
+
+impl Want {
+    fn matches(&self, e: &Entry) -> bool {
+        e.kind == self.kind
+            && match self.port {
+                None => false,
+                Some(p) if self.kind.is_server() => e.port == Some(p),
+                Some(p) => e.urls.iter().any(|u| url_port(u) == Some(p)),
+            }
+    }
+
+    /// How the entry is called in log lines and reasons.
+    fn label(&self, key: &Key) -> String {
+        match key {
+            Key::Named(n) => format!("{} {n:?}", self.kind.list()),
+            Key::Flat => self.kind.flat().to_string(),
+        }
+    }
+}
+
+/// Which entry a follower tracks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Key {
     Named(String),
@@ -119,37 +299,32 @@ enum Key {
 }
 
 impl NapcatFile {
-    /// The server `--napcat-server` names, or else the one on `port` (enabled first).
-    fn select(&self, name: Option<&str>, port: u16) -> Option<(Key, WsServer)> {
-        match self {
-            NapcatFile::Flat(ws) => {
-                (name.is_some() || ws.port == Some(port)).then(|| (Key::Flat, ws.clone()))
-            }
-            NapcatFile::V4(list) => {
-                let hit = match name {
-                    Some(n) => list.iter().find(|e| e.name.as_deref() == Some(n)),
-                    None => list
-                        .iter()
-                        .filter(|e| e.port == Some(port))
-                        .max_by_key(|e| e.enable == Some(true)),
-                }?;
-                let key = match &hit.name {
-                    Some(n) => Key::Named(n.clone()),
-                    None => return Some((Key::Flat, hit.clone())),
-                };
-                Some((key, hit.clone()))
-            }
-        }
+    /// The entry `want` names, or else the one on its port (enabled first).
+    fn select(&self, want: &Want) -> Option<(Key, Entry)> {
+        let of_kind = || self.entries.iter().filter(|e| e.kind == want.kind);
+        let hit = match (&want.name, self.flat) {
+            (Some(_), true) => of_kind().next(),
+            (Some(n), false) => of_kind().find(|e| e.name.as_deref() == Some(n)),
+            (None, _) => of_kind()
+                .filter(|e| want.matches(e))
+                .max_by_key(|e| e.enable == Some(true)),
+        }?;
+        let key = match &hit.name {
+            Some(n) if !self.flat => Key::Named(n.clone()),
+            _ => Key::Flat,
+        };
+        Some((key, hit.clone()))
     }
 
-    /// The tracked server now: `Ok(None)` when it is gone from the file.
-    fn find(&self, key: &Key, port: u16) -> Option<WsServer> {
-        match (self, key) {
-            (NapcatFile::V4(list), Key::Named(n)) => {
-                list.iter().find(|e| e.name.as_deref() == Some(n)).cloned()
-            }
-            (NapcatFile::Flat(ws), _) => Some(ws.clone()),
-            (NapcatFile::V4(_), Key::Flat) => self.select(None, port).map(|(_, s)| s),
+    /// The tracked entry now: `None` when it is gone from the file.
+    fn find(&self, want: &Want, key: &Key) -> Option<Entry> {
+        match key {
+            Key::Named(n) => self
+                .entries
+                .iter()
+                .find(|e| e.kind == want.kind && e.name.as_deref() == Some(n))
+                .cloned(),
+            Key::Flat => self.select(want).map(|(_, e)| e),
         }
     }
 }
@@ -168,14 +343,34 @@ pub fn start(state: &Arc<State>) -> oneshot::Receiver<()> {
     first_rx
 }
 
+/// What, when it changes, makes the follower start over: the file, and which entries by
+/// name. Not the ports: NapCat's own file moves those, and an entry once found is
+/// followed by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    path: Option<PathBuf>,
+    wanted: Vec<(Lane, EntryKind, Option<String>)>,
+}
+
+impl Target {
+    fn of(s: &Settings) -> Target {
+        Target {
+            path: s.napcat_config.clone(),
+            wanted: wanted(s)
+                .into_iter()
+                .map(|w| (w.lane, w.kind, w.name))
+                .collect(),
+        }
+    }
+}
+
 async fn run(state: Arc<State>, first: oneshot::Sender<()>) {
     let mut first = Some(first);
     let mut rx = state.subscribe();
     let stop = state.drain.hard_stop_token();
     loop {
-        let s = state.settings();
-        let target = (s.napcat_config.clone(), s.napcat_server.clone());
-        match &target.0 {
+        let target = Target::of(&state.settings());
+        match &target.path {
             None => {
                 // Not (or no longer) following: NapCat's file has no say.
                 state.clear_napcat();
@@ -184,7 +379,7 @@ async fn run(state: Arc<State>, first: oneshot::Sender<()>) {
                 }
             }
             Some(path) => {
-                let mut f = Follower::new(state.clone(), path.clone(), target.1.clone());
+                let mut f = Follower::new(state.clone(), path.clone());
                 f.run(&mut rx, &target, &stop, first.take()).await;
             }
         }
@@ -193,8 +388,7 @@ async fn run(state: Arc<State>, first: oneshot::Sender<()>) {
             if stop.is_cancelled() {
                 return;
             }
-            let s = state.settings();
-            if (s.napcat_config.clone(), s.napcat_server.clone()) != target {
+            if Target::of(&state.settings()) != target {
                 break;
             }
             tokio::select! {
@@ -208,15 +402,16 @@ async fn run(state: Arc<State>, first: oneshot::Sender<()>) {
 struct Follower {
     state: Arc<State>,
     path: PathBuf,
-    server: Option<String>,
-    /// The file and server being followed, once found.
-    tracked: Option<(PathBuf, Key)>,
+    /// The file being followed, once found.
+    tracked: Option<PathBuf>,
+    /// Per wanted lane, the entry followed (found in the tracked file).
+    keys: Vec<(Want, Key)>,
     /// The bytes of the last version read (acted on, or ignored as unparsable).
     last_bytes: Option<Vec<u8>>,
-    /// `enable` last acted on.
-    enabled: Option<bool>,
-    /// Why the server is off, as last told to the state (`None`: on).
-    off: Option<String>,
+    /// Per lane, `enable` last acted on.
+    enabled: [Option<bool>; Lane::COUNT],
+    /// Per lane, why its entry is off, as last told to the state (`None`: on).
+    off: [Option<String>; Lane::COUNT],
     /// The last warning logged, so a steady problem is logged once.
     last_warning: Option<String>,
     token_note_logged: bool,
@@ -265,15 +460,15 @@ fn display_name(p: &Path) -> String {
 }
 
 impl Follower {
-    fn new(state: Arc<State>, path: PathBuf, server: Option<String>) -> Follower {
+    fn new(state: Arc<State>, path: PathBuf) -> Follower {
         Follower {
             state,
             path,
-            server,
             tracked: None,
+            keys: Vec::new(),
             last_bytes: None,
-            enabled: None,
-            off: None,
+            enabled: Default::default(),
+            off: Default::default(),
             last_warning: None,
             token_note_logged: false,
         }
@@ -282,7 +477,7 @@ impl Follower {
     async fn run(
         &mut self,
         rx: &mut tokio::sync::watch::Receiver<Arc<crate::state::Snapshot>>,
-        target: &(Option<PathBuf>, Option<String>),
+        target: &Target,
         stop: &CancellationToken,
         first: Option<oneshot::Sender<()>>,
     ) {
@@ -304,11 +499,7 @@ impl Follower {
                 None
             }
         };
-        tracing::info!(
-            path = %self.path.display(),
-            server = self.server.as_deref().unwrap_or("(by port)"),
-            "following NapCat's config"
-        );
+        tracing::info!(path = %self.path.display(), "following NapCat's config");
         let changed = events.as_ref().map(|e| e.changed.clone());
         self.check().await;
         if let Some(tx) = first {
@@ -331,7 +522,7 @@ impl Follower {
                         return;
                     }
                     let s = rx.borrow_and_update().settings.clone();
-                    if (s.napcat_config.clone(), s.napcat_server.clone()) != *target {
+                    if Target::of(&s) != *target {
                         return;
                     }
                     continue;
@@ -348,21 +539,17 @@ impl Follower {
         }
     }
 
-    fn upstream_port(&self) -> u16 {
-        self.state
-            .settings()
-            .upstream
-            .as_ref()
-            .map(|u| u.port)
-            .unwrap_or(0)
-    }
-
     /// Read the followed file (finding it first if needed) and act on what changed.
     async fn check(&mut self) {
-        if let Some((file, key)) = self.tracked.clone() {
+        let wanted = wanted(&self.state.settings());
+        if wanted.is_empty() {
+            self.warn_once("nothing to follow in NapCat's config (no transport configured)".into());
+            return;
+        }
+        if let Some(file) = self.tracked.clone() {
             match read_file(&file).await {
                 Read::Missing if self.path.is_dir() => {
-                    // Gone from the directory: look for the server elsewhere.
+                    // Gone from the directory: look for the entries elsewhere.
                     self.tracked = None;
                     self.last_bytes = None;
                 }
@@ -393,18 +580,17 @@ impl Follower {
                         return;
                     }
                     self.last_bytes = Some(bytes);
-                    let port = self.upstream_port();
-                    let server = parsed.find(&key, port);
-                    self.act(&file, &key, server);
+                    self.act(&file, &parsed, &wanted);
                     return;
                 }
             }
         }
-        self.find_and_act().await;
+        self.find_and_act(&wanted).await;
     }
 
-    /// Look for the server to follow (in the file, or among the directory's candidates).
-    async fn find_and_act(&mut self) {
+    /// Look for the file holding the first wanted entry (the file itself, or among the
+    /// directory's candidates).
+    async fn find_and_act(&mut self, wanted: &[Want]) {
         let files: Vec<PathBuf> = if self.path.is_dir() {
             match std::fs::read_dir(&self.path) {
                 Ok(rd) => rd
@@ -419,55 +605,54 @@ impl Follower {
         } else {
             vec![self.path.clone()]
         };
-        let port = self.upstream_port();
-        let mut best: Option<(SystemTime, PathBuf, Key, WsServer, Vec<u8>)> = None;
+        let first = &wanted[0];
+        let mut best: Option<(SystemTime, PathBuf, NapcatFile, Vec<u8>)> = None;
         let mut problems = Vec::new();
         for file in files {
             match read_file(&file).await {
                 Read::Missing => problems.push(format!("{} does not exist (yet)", file.display())),
-                Read::Unreadable(e) => problems.push(format!("cannot read {}: {e}", file.display())),
+                Read::Unreadable(e) => {
+                    problems.push(format!("cannot read {}: {e}", file.display()))
+                }
                 Read::Unparsable(bytes, e) => {
-                    problems.push(format!("{} does not parse ({e}); ignoring this version", file.display()));
+                    problems.push(format!(
+                        "{} does not parse ({e}); ignoring this version",
+                        file.display()
+                    ));
                     if !self.path.is_dir() {
                         self.last_bytes = Some(bytes);
                     }
                 }
                 Read::Parsed(bytes, parsed) => {
-                    match parsed.select(self.server.as_deref(), port) {
-                        Some((key, server)) => {
-                            let mtime = std::fs::metadata(&file)
-                                .and_then(|m| m.modified())
-                                .unwrap_or(SystemTime::UNIX_EPOCH);
-                            let newer = match &best {
-                                Some(b) => mtime > b.0,
-                                None => true,
-                            };
-                            if newer {
-                                best = Some((mtime, file, key, server, bytes));
-                            }
-                        }
-                        None => problems.push(match &self.server {
-                            Some(n) => format!("{} has no websocketServers entry named {n:?}", file.display()),
+                    if parsed.select(first).is_none() {
+                        problems.push(match &first.name {
+                            Some(n) => format!("{} has no {} entry named {n:?}", file.display(), first.kind.list()),
                             None => format!(
-                                "{} has no forward WebSocket server on port {port} (the upstream's); pass --napcat-server NAME",
-                                file.display()
+                                "{} has no {} on port {} (the one lifeguard uses); name it with --napcat-server",
+                                file.display(),
+                                first.kind.what(),
+                                first.port.unwrap_or(0),
                             ),
-                        }),
+                        });
+                        continue;
+                    }
+                    let mtime = std::fs::metadata(&file)
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    if best.as_ref().map_or(true, |b| mtime > b.0) {
+                        best = Some((mtime, file, parsed, bytes));
                     }
                 }
             }
         }
         match best {
-            Some((_, file, key, server, bytes)) => {
-                tracing::info!(
-                    file = %file.display(),
-                    server = match &key { Key::Named(n) => n.as_str(), Key::Flat => "ws" },
-                    "following NapCat's forward WebSocket server"
-                );
+            Some((_, file, parsed, bytes)) => {
+                tracing::info!(file = %file.display(), "following NapCat's config file");
                 self.last_warning = None;
                 self.last_bytes = Some(bytes);
-                self.tracked = Some((file.clone(), key.clone()));
-                self.act(&file, &key, Some(server));
+                self.tracked = Some(file.clone());
+                self.keys.clear();
+                self.act(&file, &parsed, wanted);
             }
             None => {
                 let msg = if problems.is_empty() {
@@ -482,70 +667,98 @@ impl Follower {
         }
     }
 
-    /// Act on the followed server's current description (`None`: removed from the file):
-    /// whether it is on, and its port and token, in one change of the state.
-    fn act(&mut self, file: &Path, key: &Key, server: Option<WsServer>) {
-        let label = match key {
-            Key::Named(n) => format!("websocketServers {n:?}"),
-            Key::Flat => "ws".to_string(),
-        };
+    /// The entry followed for `want`: found before (and still what is wanted), or found
+    /// now.
+    fn key_for(&mut self, parsed: &NapcatFile, want: &Want) -> Option<Key> {
+        let same = |w: &Want| w.lane == want.lane && w.kind == want.kind && w.name == want.name;
+        if let Some((_, key)) = self.keys.iter().find(|(w, _)| same(w)) {
+            return Some(key.clone());
+        }
+        let (key, _) = parsed.select(want)?;
+        self.keys.retain(|(w, _)| w.lane != want.lane);
+        self.keys.push((want.clone(), key.clone()));
+        Some(key)
+    }
+
+    /// Act on the followed entries' current descriptions: whether each is on, and the
+    /// forward server's port and token, in one change of the state.
+    fn act(&mut self, file: &Path, parsed: &NapcatFile, wanted: &[Want]) {
         let fname = display_name(file);
         let current = self.state.napcat_overlay();
-        let mut next = current.clone();
-        let mut enabled = self.enabled;
+        let mut overlay = current.clone();
         let mut off = self.off.clone();
-        match &server {
-            None => {
-                if enabled != Some(false) {
-                    let reason =
-                        format!("NapCat's WebSocket server {label} was removed from {fname}");
-                    tracing::warn!(file = %file.display(), server = %label, "{reason}");
-                    enabled = Some(false);
-                    off = Some(reason);
+        let mut enabled = self.enabled;
+        for want in wanted {
+            let lane = want.lane.index();
+            let Some(key) = self.key_for(parsed, want) else {
+                self.warn_once(format!(
+                    "{} has no {} for lifeguard's {} transport; not following it",
+                    file.display(),
+                    want.kind.what(),
+                    want.lane.as_str()
+                ));
+                continue;
+            };
+            let label = want.label(&key);
+            let Some(entry) = parsed.find(want, &key) else {
+                if enabled[lane] != Some(false) {
+                    let reason = format!(
+                        "NapCat's {} {label} was removed from {fname}",
+                        want.kind.what()
+                    );
+                    tracing::warn!(file = %file.display(), entry = %label, "{reason}");
+                    enabled[lane] = Some(false);
+                    off[lane] = Some(reason);
                 }
-            }
-            Some(server) => {
-                match server.enable {
-                    None => self.warn_once(format!(
-                        "{label} in {} has no `enable`; not acting on it",
-                        file.display()
-                    )),
-                    Some(enable) if enabled != Some(enable) => {
-                        if !(enabled.is_none() && enable) {
-                            tracing::info!(
-                                file = %file.display(),
-                                server = %label,
-                                enable,
-                                "NapCat's config: the forward WebSocket server was {}",
-                                if enable { "enabled (up again once probes pass)" } else { "disabled" }
-                            );
-                        }
-                        enabled = Some(enable);
-                        off = (!enable).then(|| {
-                            format!("NapCat's WebSocket server {label} is disabled in {fname}")
-                        });
+                continue;
+            };
+            match entry.enable {
+                None => self.warn_once(format!(
+                    "{label} in {} has no `enable`; not acting on it",
+                    file.display()
+                )),
+                Some(enable) if enabled[lane] != Some(enable) => {
+                    if !(enabled[lane].is_none() && enable) {
+                        tracing::info!(
+                            file = %file.display(),
+                            entry = %label,
+                            enable,
+                            "NapCat's config: the {} was {}",
+                            want.kind.what(),
+                            if enable { "enabled (up again once healthy)" } else { "disabled" }
+                        );
                     }
-                    Some(_) => {}
+                    enabled[lane] = Some(enable);
+                    off[lane] = (!enable).then(|| {
+                        format!(
+                            "NapCat's {} {label} is disabled in {fname}",
+                            want.kind.what()
+                        )
+                    });
                 }
+                Some(_) => {}
+            }
+            if want.lane == Lane::Forward {
                 // Port and token: follow them.
-                let token = server
+                let token = entry
                     .token
                     .as_ref()
                     .map(|t| Some(Secret::new(t.clone())).filter(|s| !s.expose().is_empty()));
-                next = Overlay {
-                    port: server.port.or(current.port),
+                overlay = Overlay {
+                    port: entry.port.or(current.port),
                     token: token.or(current.token.clone()),
                 };
             }
         }
-        if next == current && off == self.off {
-            self.enabled = enabled;
+        self.enabled = enabled;
+        if overlay == current && off == self.off {
             return;
         }
-        let switched_on = self.off.is_some() && off.is_none();
-        self.enabled = enabled;
+        let switched_on = Lane::ALL
+            .iter()
+            .any(|l| self.off[l.index()].is_some() && off[l.index()].is_none());
         self.off = off.clone();
-        let change = self.state.set_napcat(Lane::Forward, next.clone(), off);
+        let change = self.state.set_napcat(overlay.clone(), off);
         if switched_on {
             self.state.kick_probe();
         }
@@ -554,7 +767,6 @@ impl Follower {
         if port(old) != port(new) {
             tracing::info!(
                 file = %file.display(),
-                server = %label,
                 from = port(old).unwrap_or(0),
                 to = port(new).unwrap_or(0),
                 "NapCat's config: following its forward WebSocket server to a new port"
@@ -563,18 +775,17 @@ impl Follower {
         if old.upstream_token != new.upstream_token {
             tracing::info!(
                 file = %file.display(),
-                server = %label,
                 "NapCat's config: following its token for the backend connection"
             );
         }
-        if new.upstream_token_explicit && next.token.is_some() && next.token != current.token {
+        if new.upstream_token_explicit && overlay.token.is_some() && overlay.token != current.token
+        {
             let differs =
-                next.token.as_ref().map(|t| t.as_ref()) != Some(new.upstream_token.as_ref());
+                overlay.token.as_ref().map(|t| t.as_ref()) != Some(new.upstream_token.as_ref());
             if differs && !self.token_note_logged {
                 self.token_note_logged = true;
                 tracing::warn!(
                     file = %file.display(),
-                    server = %label,
                     "NapCat's token differs from --upstream-token; keeping --upstream-token (set explicitly)"
                 );
             }
@@ -586,26 +797,77 @@ impl Follower {
 mod tests {
     use super::*;
 
+    fn want(kind: EntryKind, name: Option<&str>, port: u16) -> Want {
+        Want {
+            lane: Lane::Forward,
+            kind,
+            name: name.map(str::to_string),
+            port: Some(port),
+        }
+    }
+
     #[test]
-    fn both_formats_parse() {
-        let v4 = r#"{"network":{"websocketServers":[{"enable":true,"name":"ws","port":3001,"token":"t"},{"enable":false,"name":"other","port":3002,"token":""}]}}"#;
+    fn v4_lists_of_every_kind_parse() {
+        let v4 = r#"{"network":{
+            "websocketServers":[{"enable":true,"name":"ws","port":3001,"token":"t"},{"enable":false,"name":"other","port":3002,"token":""}],
+            "websocketClients":[{"enable":true,"name":"nb","url":"ws://lifeguard:8080/onebot/v11/ws","token":"r"}],
+            "httpServers":[{"enable":false,"name":"http","port":3000,"token":"h"}],
+            "httpClients":[{"enable":true,"name":"post","url":"http://lifeguard:5700/","token":"p"}]}}"#;
         let f = parse(v4).unwrap();
-        let (key, s) = f.select(None, 3002).unwrap();
+        assert!(!f.flat);
+        assert_eq!(f.entries.len(), 5);
+        let (key, s) = f.select(&want(EntryKind::WsServer, None, 3002)).unwrap();
         assert_eq!(key, Key::Named("other".into()));
         assert_eq!((s.enable, s.port), (Some(false), Some(3002)));
-        let (key, s) = f.select(Some("ws"), 1).unwrap();
+        let (key, s) = f.select(&want(EntryKind::WsServer, Some("ws"), 1)).unwrap();
         assert_eq!(key, Key::Named("ws".into()));
         assert_eq!(s.token.as_deref(), Some("t"));
-        assert!(f.select(None, 9).is_none());
-        assert!(f.find(&Key::Named("gone".into()), 3001).is_none());
+        assert!(f.select(&want(EntryKind::WsServer, None, 9)).is_none());
+        let gone = want(EntryKind::WsServer, None, 3001);
+        assert!(f.find(&gone, &Key::Named("gone".into())).is_none());
+        let (_, c) = f.select(&want(EntryKind::WsClient, None, 8080)).unwrap();
+        assert_eq!(c.token.as_deref(), Some("r"));
+        assert!(f.select(&want(EntryKind::WsClient, None, 3001)).is_none());
+        let (_, h) = f.select(&want(EntryKind::HttpServer, None, 3000)).unwrap();
+        assert_eq!(h.enable, Some(false));
+        let (_, p) = f.select(&want(EntryKind::HttpClient, None, 5700)).unwrap();
+        assert_eq!(p.urls, ["http://lifeguard:5700/"]);
+    }
 
-        let flat = r#"{"http":{"enable":false,"port":3000},"ws":{"enable":false,"host":"","port":3001},"token":"x"}"#;
+    #[test]
+    fn the_flat_format_has_one_entry_of_each_kind() {
+        // As NapCat 3.1.10 writes it (the reference sample).
+        let flat = r#"{"http":{"enable":false,"host":"","port":3000,"secret":"","enableHeart":false,"enablePost":false,"postUrls":[]},
+            "ws":{"enable":true,"host":"","port":3001},"reverseWs":{"enable":false,"urls":[]},
+            "debug":false,"heartInterval":30000,"messagePostFormat":"array","token":""}"#;
         let f = parse(flat).unwrap();
-        let (key, s) = f.select(None, 3001).unwrap();
+        assert!(f.flat);
+        let (key, s) = f.select(&want(EntryKind::WsServer, None, 3001)).unwrap();
         assert_eq!(key, Key::Flat);
-        assert_eq!((s.enable, s.token.as_deref()), (Some(false), Some("x")));
-        assert!(f.select(None, 3002).is_none());
-        assert!(f.select(Some("anything"), 3002).is_some());
+        assert_eq!((s.enable, s.token.as_deref()), (Some(true), Some("")));
+        assert!(f.select(&want(EntryKind::WsServer, None, 3002)).is_none());
+        assert!(f
+            .select(&want(EntryKind::WsServer, Some("any"), 3002))
+            .is_some());
+        let (_, http) = f.select(&want(EntryKind::HttpServer, None, 3000)).unwrap();
+        assert_eq!(http.enable, Some(false));
+        let post = f
+            .entries
+            .iter()
+            .find(|e| e.kind == EntryKind::HttpClient)
+            .unwrap();
+        assert_eq!((post.enable, post.urls.len()), (Some(false), 0));
+    }
+
+    #[test]
+    fn url_ports() {
+        assert_eq!(url_port("ws://lifeguard:8080/onebot/v11/ws"), Some(8080));
+        assert_eq!(url_port("http://[::1]:5700"), Some(5700));
+        assert_eq!(url_port("http://u:p@h:1/x?y=2"), Some(1));
+        assert_eq!(url_port("ws://h/x"), Some(80));
+        assert_eq!(url_port("https://h"), Some(443));
+        assert_eq!(url_port("ws://[::1]/x"), Some(80));
+        assert_eq!(url_port("nonsense"), None);
     }
 
     #[test]

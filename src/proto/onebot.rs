@@ -63,9 +63,24 @@ pub enum Kind {
         /// The raw `status` object, reused for keepalive heartbeats to clients.
         status: Option<String>,
     },
+    /// The QQ account was kicked offline, said at once (the heartbeat may take its whole
+    /// interval): NapCat's `bot_offline` notice, or Lagrange's `notify`/`bot_offline`.
+    BotOffline {
+        self_id: Option<u64>,
+        /// Who kicked it, in the backend's words (bounded, see [`NOTICE_TEXT_MAX`]).
+        tag: String,
+        message: String,
+    },
 }
 
 static META: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"meta_event\""));
+/// The end of a `bot_offline` string value (an escaped quote inside a message's text has a
+/// backslash before it, so message texts do not match).
+static BOT_OFFLINE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"bot_offline\""));
+
+/// Longest `tag` / `message` of a `bot_offline` notice kept (they go into logs, `/state`
+/// and Close reasons).
+pub const NOTICE_TEXT_MAX: usize = 200;
 
 /// First keys of API replies (NapCat: `status`; others order fields differently).
 const REPLY_KEYS: [&[u8]; 6] = [
@@ -109,10 +124,11 @@ fn classify_slow(payload: &[u8]) -> Kind {
     if is_reply(payload) {
         return Kind::Reply;
     }
-    if META
-        .find(&payload[..payload.len().min(META_WINDOW)])
-        .is_none()
-    {
+    let window = &payload[..payload.len().min(META_WINDOW)];
+    if META.find(window).is_none() {
+        if BOT_OFFLINE.find(window).is_some() {
+            return bot_offline(payload).unwrap_or(Kind::Event);
+        }
         return Kind::Event;
     }
     #[derive(Deserialize)]
@@ -146,6 +162,49 @@ fn classify_slow(payload: &[u8]) -> Kind {
         },
         _ => Kind::Event,
     }
+}
+
+/// A notice that names `bot_offline` early: parsed (rare), and a kick only when it is one.
+#[cold]
+fn bot_offline(payload: &[u8]) -> Option<Kind> {
+    use serde_json::Value;
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    let field = |k: &str| v.get(k).and_then(Value::as_str);
+    if field("post_type") != Some("notice") {
+        return None;
+    }
+    let napcat = field("notice_type") == Some("bot_offline");
+    let lagrange =
+        field("notice_type") == Some("notify") && field("sub_type") == Some("bot_offline");
+    if !(napcat || lagrange) {
+        return None;
+    }
+    let text = |k: &str| {
+        let s = match v.get(k) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        };
+        bounded(s, NOTICE_TEXT_MAX)
+    };
+    Some(Kind::BotOffline {
+        self_id: v.get("self_id").and_then(Value::as_u64),
+        tag: text("tag"),
+        message: text("message"),
+    })
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, with an ellipsis when cut.
+pub fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
 }
 
 /// The first object key of a JSON text, without allocating (None if not an object).
@@ -255,6 +314,45 @@ mod tests {
             assert!(napcat_user_event(line.as_bytes()), "{line}");
         }
         assert_eq!(classify(b"not json"), Kind::Event);
+    }
+
+    #[test]
+    fn bot_offline_notices_are_kicks() {
+        // NapCat's field order (OB11BaseNoticeEvent, then BotOfflineEvent's fields).
+        let napcat = r#"{"time":1764180040,"self_id":3889001234,"post_type":"notice","notice_type":"bot_offline","user_id":3889001234,"tag":"被顶下线","message":"你的帐号在另一台设备上登录"}"#;
+        assert_eq!(
+            classify(napcat.as_bytes()),
+            Kind::BotOffline {
+                self_id: Some(3889001234),
+                tag: "被顶下线".into(),
+                message: "你的帐号在另一台设备上登录".into(),
+            }
+        );
+        let lagrange = r#"{"time":1,"self_id":2,"post_type":"notice","notice_type":"notify","sub_type":"bot_offline","tag":"t","message":"m"}"#;
+        assert!(matches!(
+            classify(lagrange.as_bytes()),
+            Kind::BotOffline { .. }
+        ));
+        // Not kicks: a message quoting the words, an escaped quote, another notice type.
+        let quoted = r#"{"time":1,"self_id":2,"post_type":"message","raw_message":"bot_offline","user_id":3}"#;
+        assert_eq!(classify(quoted.as_bytes()), Kind::Event);
+        let escaped = r#"{"time":1,"post_type":"message","raw_message":"\"bot_offline\""}"#;
+        assert_eq!(classify(escaped.as_bytes()), Kind::Event);
+        let other = r#"{"time":1,"self_id":2,"post_type":"notice","notice_type":"bot_offline_x"}"#;
+        assert_eq!(classify(other.as_bytes()), Kind::Event);
+        // Long texts are bounded.
+        let long = format!(
+            r#"{{"time":1,"self_id":2,"post_type":"notice","notice_type":"bot_offline","tag":"t","message":"{}"}}"#,
+            "é".repeat(500)
+        );
+        let Kind::BotOffline { message, .. } = classify(long.as_bytes()) else {
+            panic!("a kick");
+        };
+        assert!(
+            message.len() <= NOTICE_TEXT_MAX + '…'.len_utf8(),
+            "{}",
+            message.len()
+        );
     }
 
     #[test]

@@ -278,10 +278,11 @@ impl FrameScanner {
                 continue;
             }
             // Data frame. The peer chose `h.len`: a sum that does not fit is too big too.
-            match self.message_len.checked_add(h.len) {
-                Some(total) if total <= self.max_message => self.message_len = total,
+            // Counted once the frame is taken, not when it is carried to the next read.
+            let message_len = match self.message_len.checked_add(h.len) {
+                Some(total) if total <= self.max_message => total,
                 _ => return self.violation(pos, (code::TOO_BIG, "message too big")),
-            }
+            };
             let whole_text = h.opcode == OP_TEXT && h.fin && (h.len as usize) <= CLASSIFY_MAX;
             let server_text = h.opcode == OP_TEXT && self.from == From::Server;
             let peek = if whole_text {
@@ -295,6 +296,7 @@ impl FrameScanner {
             if server_text && !whole_text {
                 on_text(&buf[start..start + peek as usize], false);
             }
+            self.message_len = message_len;
             self.frames += 1;
             let take = avail.min(h.len) as usize;
             let opcode = if h.opcode == OP_CONT {
@@ -413,7 +415,13 @@ impl FrameScanner {
         mask: [u8; 4],
         offset: u64,
     ) -> Result<(), (u16, &'static str)> {
-        let mut scratch = [0u8; 4096];
+        // Most client text (OneBot API calls) is ASCII JSON: checked in place, 8 bytes at
+        // a time, with no copy.
+        if self.utf8_tail_len == 0 && masked_ascii(chunk, mask, offset) {
+            return Ok(());
+        }
+        // Small on purpose: this runs per frame, and a stack array is zeroed each time.
+        let mut scratch = [0u8; 256];
         let mut done = 0usize;
         while done < chunk.len() {
             let tail = self.utf8_tail_len as usize;
@@ -454,6 +462,33 @@ impl FrameScanner {
         }
         Ok(())
     }
+}
+
+/// Whether `chunk`, unmasked with `mask` from payload position `offset`, is all ASCII.
+/// A byte is ASCII when its top bit is clear after unmasking, i.e. when its top bit equals
+/// the mask byte's.
+fn masked_ascii(chunk: &[u8], mask: [u8; 4], offset: u64) -> bool {
+    let r = (offset & 3) as usize;
+    let m = [
+        mask[r],
+        mask[(r + 1) & 3],
+        mask[(r + 2) & 3],
+        mask[(r + 3) & 3],
+    ];
+    let m8 = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut words = chunk.chunks_exact(8);
+    for w in &mut words {
+        let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        if (w ^ m8) & 0x8080_8080_8080_8080 != 0 {
+            return false;
+        }
+    }
+    // Whole words keep the mask's phase: the rest starts at mask position 0 again.
+    words
+        .remainder()
+        .iter()
+        .enumerate()
+        .all(|(i, b)| (b ^ m[i & 3]) & 0x80 == 0)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -701,6 +736,26 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_carried_across_reads_counts_once_towards_the_message_size() {
+        // Found by fuzzing: a small backend text frame split across many reads was added to
+        // the running message size at every attempt, until a limit it is far below fired.
+        let frame = encode_frame(OP_TEXT, &[b'x'; 900], None);
+        let mut s = FrameScanner::new(From::Server, 2048);
+        let mut carry = Vec::new();
+        for chunk in frame.chunks(8) {
+            let mut buf = std::mem::take(&mut carry);
+            buf.extend_from_slice(chunk);
+            let (r, _) = scan_all(&mut s, &buf);
+            assert_eq!(r.stop, None);
+            if r.carry {
+                carry = buf[r.forward..].to_vec();
+            }
+        }
+        assert!(carry.is_empty() && s.at_boundary());
+        assert_eq!(s.messages, 1);
+    }
+
+    #[test]
     fn close_codes_a_peer_must_not_send_are_protocol_errors() {
         for bad in [
             0u16, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535,
@@ -821,6 +876,28 @@ mod tests {
             if from == From::Server {
                 assert_eq!(seen, texts, "round {round}");
             }
+        }
+    }
+
+    #[test]
+    fn masked_ascii_matches_an_unmasked_check_at_every_phase() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..2000 {
+            let len = rng.usize(0..40);
+            let mut plain: Vec<u8> = (0..len).map(|_| rng.u8(0..128)).collect();
+            if rng.bool() && len > 0 {
+                let at = rng.usize(0..len);
+                plain[at] |= 0x80;
+            }
+            let mask = rng.u32(..).to_ne_bytes();
+            let offset = rng.u64(0..8);
+            let mut masked = plain.clone();
+            unmask(&mut masked, mask, offset); // masking is the same XOR
+            assert_eq!(
+                masked_ascii(&masked, mask, offset),
+                plain.is_ascii(),
+                "{plain:?} mask {mask:?} offset {offset}"
+            );
         }
     }
 

@@ -50,6 +50,18 @@ pub(crate) fn heartbeat(self_id: u64, online: bool, interval_ms: u64) -> String 
     )
 }
 
+/// The notice NapCat sends to every event consumer at once when QQ kicks the account off
+/// (`BotOfflineEvent`); `tag` and `message` are QQ's tip title and text.
+pub(crate) fn bot_offline(self_id: u64, tag: &str, message: &str) -> String {
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""));
+    format!(
+        r#"{{"time":{},"self_id":{self_id},"post_type":"notice","notice_type":"bot_offline","user_id":{self_id},"tag":{},"message":{}}}"#,
+        now_secs(),
+        quote(tag),
+        quote(message)
+    )
+}
+
 /// An `ok` API reply. `data` and `echo` are JSON texts, copied verbatim.
 pub(crate) fn reply_ok(data: &str, echo: &str) -> String {
     let mut out = String::with_capacity(96 + data.len() + echo.len());
@@ -151,6 +163,7 @@ mod tests {
             reply_failed(1404, "不支持的API \"x\"", "null"),
             heartbeat(1, false, 30000),
             lifecycle(1, "connect"),
+            bot_offline(1, "下线\"", "x\ny"),
         ] {
             serde_json::from_str::<serde_json::Value>(&text).expect(&text);
         }

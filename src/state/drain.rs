@@ -69,15 +69,21 @@ impl Drain {
 
     /// The shutdown order: stop accepting; `announce` (the sessions learn that lifeguard
     /// is going away and start their end sequence); wait for the sessions within
-    /// `budget`; then stop everything and wait for the background tasks. True when the
-    /// sessions ended within the budget.
-    pub async fn shutdown(&self, budget: Duration, announce: impl FnOnce()) -> bool {
+    /// `budget`; then `stop_now` and the hard stop (everything still running ends), and
+    /// wait for the background tasks. True when the sessions ended within the budget.
+    pub async fn shutdown(
+        &self,
+        budget: Duration,
+        announce: impl FnOnce(),
+        stop_now: impl FnOnce(),
+    ) -> bool {
         self.stop_accepting.cancel();
         announce();
         self.sessions.close();
         let drained = tokio::time::timeout(budget, self.sessions.wait())
             .await
             .is_ok();
+        stop_now();
         self.hard_stop.cancel();
         if !drained {
             let _ = tokio::time::timeout(BACKGROUND_GRACE, self.sessions.wait()).await;

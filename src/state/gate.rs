@@ -219,6 +219,9 @@ pub(super) struct Inputs {
     pub probe_epoch: [u64; ProbeKind::COUNT],
     /// QQ login state, as the backend last told.
     pub online: bool,
+    /// What the backend said when it kicked the account offline (a `bot_offline`
+    /// notice's tag and message); cleared when the account is back online.
+    pub kicked: Option<String>,
     pub offline_is_down: bool,
 }
 
@@ -234,6 +237,7 @@ impl Inputs {
             probes: Default::default(),
             probe_epoch: [0; ProbeKind::COUNT],
             online: true,
+            kicked: None,
             offline_is_down,
         }
     }
@@ -245,6 +249,7 @@ impl Inputs {
         self.probes[k] = ProbeCounter::default();
         self.probe_epoch[k] += 1;
         self.online = true;
+        self.kicked = None;
     }
 
     /// A probe of the current address answered (or failed): the move is over.
@@ -315,10 +320,15 @@ fn probed(i: &Inputs, kind: ProbeKind) -> (Cause, String) {
             )
         }
     } else if !i.online && i.offline_is_down {
-        (
-            Cause::Offline,
-            "the backend's QQ account is offline (heartbeat status.online = false)".to_string(),
-        )
+        let reason = match &i.kicked {
+            Some(what) => {
+                format!("the backend's QQ account was kicked offline (bot_offline: {what})")
+            }
+            None => {
+                "the backend's QQ account is offline (heartbeat status.online = false)".to_string()
+            }
+        };
+        (Cause::Offline, reason)
     } else {
         (Cause::Healthy, "backend healthy".to_string())
     }

@@ -3,6 +3,7 @@
 //! - [`gate`]: the lanes' states, derived purely from their inputs;
 //! - [`settings`]: the effective settings (lifeguard's own, NapCat's overlay on top);
 //! - [`sessions`]: the open sessions, counted, and the mass-disable sweep;
+//! - [`history`]: the lanes' recent transitions (status page, webhooks);
 //! - [`drain`]: every spawned task, and the shutdown order.
 //!
 //! Inputs and settings change under one lock; each change publishes one [`Snapshot`]
@@ -14,6 +15,7 @@
 pub mod conns;
 pub mod drain;
 pub mod gate;
+pub mod history;
 pub mod sessions;
 pub mod settings;
 
@@ -28,6 +30,7 @@ use crate::metrics::Metrics;
 pub use conns::{ConnPermit, Connections, Refusal};
 pub use drain::Drain;
 pub use gate::{Cause, Health, HealthSource, Lane, ProbeKind};
+pub use history::History;
 pub use sessions::{SessionGuard, SessionSet, SweepTicket};
 pub use settings::{Origin, Overlay};
 
@@ -36,6 +39,8 @@ pub use settings::{Origin, Overlay};
 pub struct Snapshot {
     pub lanes: [Arc<Health>; Lane::COUNT],
     pub settings: Arc<Settings>,
+    /// The drain budget is spent: every session ends now, without its end sequence.
+    pub hard_stop: bool,
 }
 
 impl Snapshot {
@@ -88,6 +93,16 @@ pub struct BackendInfo {
     /// The raw `status` object of the latest heartbeat.
     pub status: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
+    /// The latest `bot_offline` notice: the account was kicked.
+    pub last_kick: Option<Kick>,
+}
+
+/// A `bot_offline` notice, as the backend sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kick {
+    pub tag: String,
+    pub message: String,
+    pub at: std::time::SystemTime,
 }
 
 /// A lane's transition, as published.
@@ -112,6 +127,8 @@ pub struct SettingsChange {
 struct Core {
     inputs: gate::Inputs,
     layers: settings::Layers,
+    /// Published to sessions so that they need no watch of their own for it.
+    hard_stop: bool,
 }
 
 pub struct State {
@@ -126,6 +143,8 @@ pub struct State {
     pub conns: Arc<Connections>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
+    /// The configured lanes' recent transitions, in order.
+    pub history: History,
 }
 
 impl State {
@@ -137,14 +156,20 @@ impl State {
         let snap = Arc::new(Snapshot {
             lanes,
             settings: layers.effective().clone(),
+            hard_stop: false,
         });
         let metrics = Arc::new(Metrics::new());
         for lane in snap.configured() {
-            metrics.lane_configured(lane.as_str(), snap.lane(lane).up, &lane_roles(lane));
+            let h = snap.lane(lane);
+            metrics.lane_configured(lane.as_str(), h.up, h.cause.as_str(), &lane_roles(lane));
         }
         let (tx, _) = watch::channel(snap.clone());
         Arc::new(State {
-            core: Mutex::new(Core { inputs, layers }),
+            core: Mutex::new(Core {
+                inputs,
+                layers,
+                hard_stop: false,
+            }),
             snapshot: ArcSwap::new(snap),
             tx,
             probe_now: Notify::new(),
@@ -153,6 +178,7 @@ impl State {
             conns: Arc::new(Connections::new(metrics.clone())),
             metrics,
             drain: Drain::default(),
+            history: History::default(),
         })
     }
 
@@ -204,13 +230,17 @@ impl State {
         self.change_settings(Origin::Config, |c| c.layers.set_base(base))
     }
 
-    /// NapCat's file: what it says about the upstream, and whether the server that
-    /// `lane` relays is on (`off`: why not). One publication, so a file that switches a
-    /// server off and moves it is one transition.
-    pub fn set_napcat(&self, lane: Lane, overlay: Overlay, off: Option<String>) -> SettingsChange {
+    /// NapCat's file: what it says about the upstream, and, per lane, whether the server
+    /// it relays is on (`off[lane]`: why not). One publication, so a file that switches a
+    /// server off and moves another is one change.
+    pub fn set_napcat(
+        &self,
+        overlay: Overlay,
+        off: [Option<String>; Lane::COUNT],
+    ) -> SettingsChange {
         self.change_settings(Origin::Napcat, |c| {
             c.layers.set_napcat(overlay);
-            c.inputs.napcat_off[lane.index()] = off;
+            c.inputs.napcat_off = off;
         })
     }
 
@@ -248,7 +278,43 @@ impl State {
         if self.lock().inputs.online == online {
             return;
         }
-        self.update(|c| c.inputs.online = online);
+        self.update(|c| {
+            c.inputs.online = online;
+            if online {
+                c.inputs.kicked = None;
+            }
+        });
+    }
+
+    /// The backend said the account was just kicked offline (a `bot_offline` notice):
+    /// offline at once, with the backend's words in the reason. Every event session gets
+    /// the same notice; only the first changes anything.
+    pub fn observe_kicked(&self, tag: &str, message: &str) {
+        let what = format!("{tag}: {message}");
+        {
+            let core = self.lock();
+            if !core.inputs.online && core.inputs.kicked.as_deref() == Some(what.as_str()) {
+                return;
+            }
+        }
+        tracing::warn!(
+            kick_tag = tag,
+            kick_message = message,
+            "the backend's QQ account was kicked offline (bot_offline notice)"
+        );
+        // Before the transition: sessions that hear of it look for the kick here.
+        self.backend.rcu(|cur| BackendInfo {
+            last_kick: Some(Kick {
+                tag: tag.to_string(),
+                message: message.to_string(),
+                at: std::time::SystemTime::now(),
+            }),
+            ..(**cur).clone()
+        });
+        self.update(|c| {
+            c.inputs.online = false;
+            c.inputs.kicked = Some(what);
+        });
     }
 
     /// What a session learned from a backend event. Cheap when nothing changed.
@@ -300,7 +366,14 @@ impl State {
             budget_ms = budget.as_millis() as u64,
             "shutting down"
         );
-        let drained = self.drain.shutdown(budget, || self.begin_shutdown()).await;
+        let drained = self
+            .drain
+            .shutdown(
+                budget,
+                || self.begin_shutdown(),
+                || self.update(|c| c.hard_stop = true),
+            )
+            .await;
         tracing::info!(drained, "stopped");
         drained
     }
@@ -404,7 +477,7 @@ impl State {
         }
         let settings = core.layers.effective();
         let same_lanes = lanes.iter().zip(&old.lanes).all(|(a, b)| Arc::ptr_eq(a, b));
-        if same_lanes && Arc::ptr_eq(settings, &old.settings) {
+        if same_lanes && Arc::ptr_eq(settings, &old.settings) && core.hard_stop == old.hard_stop {
             return transitions;
         }
         // Prepared before any session hears of it: every session of a lane that just went
@@ -418,10 +491,34 @@ impl State {
             self.sessions.begin_sweep(&went_down);
         }
         let configured = configured_lanes(settings);
+        let self_id = self.backend.load().self_id;
         for t in &transitions {
             if configured.contains(&t.lane) {
-                self.metrics
-                    .transition(t.lane.as_str(), t.to.up, t.to.cause.as_str());
+                self.metrics.transition(
+                    t.lane.as_str(),
+                    t.to.up,
+                    t.from.cause.as_str(),
+                    t.to.cause.as_str(),
+                );
+                // The sessions the sweep just counted: every one of them is being closed.
+                let sessions_closed = if t.from.up && !t.to.up {
+                    self.sessions.open_by_role(t.lane).iter().sum()
+                } else {
+                    0
+                };
+                self.history.push(history::Record {
+                    seq: 0,
+                    at: t.to.since,
+                    lane: t.lane,
+                    up: t.to.up,
+                    cause: t.to.cause,
+                    reason: t.to.reason.clone(),
+                    previous_up: t.from.up,
+                    previous_cause: t.from.cause,
+                    previous_for: t.to.since_instant.duration_since(t.from.since_instant),
+                    sessions_closed,
+                    self_id,
+                });
             }
         }
         if !Arc::ptr_eq(settings, &old.settings) {
@@ -430,6 +527,7 @@ impl State {
                     self.metrics.lane_configured(
                         lane.as_str(),
                         lanes[lane.index()].up,
+                        lanes[lane.index()].cause.as_str(),
                         &lane_roles(lane),
                     );
                 }
@@ -438,6 +536,7 @@ impl State {
         let snap = Arc::new(Snapshot {
             lanes,
             settings: settings.clone(),
+            hard_stop: core.hard_stop,
         });
         self.snapshot.store(snap.clone());
         self.tx.send_replace(snap);

@@ -2,17 +2,21 @@
 //! frames by two [`Direction`]s in one task, and the end sequence the
 //! [`policy`](crate::transport::policy) asks for.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::sleep_until;
 
 use super::pump::{Direction, Step};
 use crate::proto::auth;
 use crate::proto::onebot::{self, Kind};
 use crate::proto::ws::{self, FrameScanner};
-use crate::state::{SessionGuard, Snapshot, State, SweepTicket};
+use crate::state::{Cause, SessionGuard, Snapshot, State, SweepTicket};
 use crate::transport::policy::{self, End, Outcome, SessionInfo, Traffic, Verdict};
 
 /// Planned disables: how long replies to API calls already forwarded may take.
@@ -22,6 +26,8 @@ const BOUNDARY_GRACE: Duration = Duration::from_millis(200);
 /// Longest a session waits for the others' Close frames in a mass disable.
 const SWEEP_WAIT: Duration = Duration::from_millis(250);
 const FAR: Duration = Duration::from_secs(30 * 86400);
+/// A kick this recent is what took the lane down (the notice's copies arrive together).
+const KICK_RECENT: Duration = Duration::from_secs(2);
 
 /// What the session learned from the backend's own frames.
 struct Learned {
@@ -32,6 +38,19 @@ struct Learned {
     /// When the watchdog fires (set by a heartbeat).
     heartbeat_deadline: Option<Instant>,
     heartbeat_window: Duration,
+    /// This session relayed a `bot_offline` notice.
+    kick_seen: bool,
+    /// The lane went down because another session saw the account kicked: this one's copy
+    /// of the notice is on its way (NapCat sends it to every event connection at once), and
+    /// the bot should get it before `disable` (bots tell their owner from it).
+    await_kick: bool,
+}
+
+impl Learned {
+    /// Nothing more to wait for from a kick: none is expected, or its notice went through.
+    fn kick_heard(&self) -> bool {
+        !self.await_kick || self.kick_seen
+    }
 }
 
 /// A running session. Owns both sockets.
@@ -89,6 +108,8 @@ impl Session {
                 replies: 0,
                 heartbeat_deadline: first_heartbeat.map(|w| Instant::now() + w),
                 heartbeat_window: first_heartbeat.unwrap_or_default(),
+                kick_seen: false,
+                await_kick: false,
             },
             started: Instant::now(),
             last_to_client: None,
@@ -142,126 +163,200 @@ impl Session {
                     state.observe_online(online);
                 }
             }
+            Kind::BotOffline {
+                self_id,
+                tag,
+                message,
+            } => {
+                learned.kick_seen = true;
+                state.observe_backend(self_id, None, None);
+                state.observe_kicked(&tag, &message);
+            }
         }
     }
 
     /// Relay until something ends the session, then run the end sequence.
     pub async fn run(mut self, client_leftover: Vec<u8>, upstream_leftover: Vec<u8>) {
-        let mut rx = self.state.subscribe();
-        let mut seen: Arc<Snapshot> = rx.borrow_and_update().clone();
-        // Follows reloads: the next heartbeat re-arms the watchdog with the new factor.
-        let mut grace = seen.settings.heartbeat_grace;
-        let mut stall_after = seen.settings.client_stall_timeout;
-        let lane = self.info.lane;
-        let end = 'relay: {
-            // Bytes that arrived with the handshakes go first, through the scanners.
-            if !upstream_leftover.is_empty() {
-                if let Some(end) = self.feed(Dir::Down, &upstream_leftover, grace) {
-                    break 'relay end;
-                }
-                self.note_client_backlog(stall_after);
-            }
-            if !client_leftover.is_empty() {
-                if let Some(end) = self.feed(Dir::Up, &client_leftover, grace) {
-                    break 'relay end;
-                }
-            }
-            drop((client_leftover, upstream_leftover));
-            if !seen.lane(lane).up {
-                break 'relay End::Down(seen.lane(lane).clone());
-            }
-            let watchdog = tokio::time::sleep(FAR);
-            tokio::pin!(watchdog);
-            let mut armed: Option<Instant> = None;
-            // Client keepalive: a heartbeat when nothing went to the client for a while.
-            let keepalive = tokio::time::sleep(FAR);
-            tokio::pin!(keepalive);
-            let mut keepalive_every = self.keepalive_period(&seen);
-            if let Some(every) = keepalive_every {
-                self.last_to_client = Some(Instant::now());
-                keepalive
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + every);
-            }
-            loop {
-                // One timer for both deadlines: the backend's heartbeat and a stalled client.
-                let due = match (self.learned.heartbeat_deadline, self.stall_deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                if due != armed {
-                    armed = due;
-                    if let Some(at) = armed {
-                        watchdog.as_mut().reset(at.into());
-                    }
-                }
-                let down_pending = self.down.has_pending();
-                let up_pending = self.up.has_pending();
-                tokio::select! {
-                    biased;
-                    changed = rx.changed() => {
-                        let snap = rx.borrow_and_update().clone();
-                        let health = snap.lane(lane);
-                        if changed.is_err() || !health.up {
-                            break 'relay End::Down(health.clone());
-                        }
-                        if !Arc::ptr_eq(&snap.settings, &seen.settings) {
-                            if self.revoked(&seen, &snap) {
-                                break 'relay End::Revoked;
-                            }
-                            let every = self.keepalive_period(&snap);
-                            if every != keepalive_every {
-                                keepalive_every = every;
-                                self.last_to_client = every.map(|_| Instant::now());
-                                let at = every.unwrap_or(FAR);
-                                keepalive.as_mut().reset(tokio::time::Instant::now() + at);
-                            }
-                            grace = snap.settings.heartbeat_grace;
-                            stall_after = snap.settings.client_stall_timeout;
-                        }
-                        seen = snap;
-                    }
-                    _ = &mut watchdog, if armed.is_some() => {
-                        let now = Instant::now();
-                        if self.stall_deadline.is_some_and(|at| at <= now) {
-                            break 'relay End::ClientStalled(stall_after);
-                        }
-                        if self.learned.heartbeat_deadline.is_some_and(|at| at <= now) {
-                            break 'relay End::HeartbeatTimeout(self.learned.heartbeat_window);
-                        }
-                        armed = None;
-                    }
-                    _ = &mut keepalive, if keepalive_every.is_some() => {
-                        let every = keepalive_every.unwrap_or(FAR);
-                        let last = self.last_to_client.unwrap_or_else(Instant::now);
-                        if last.elapsed() + Duration::from_millis(1) >= every {
-                            self.send_keepalive(&seen);
-                            self.last_to_client = Some(Instant::now());
-                            self.note_client_backlog(stall_after);
-                        }
-                        let next = self.last_to_client.unwrap_or_else(Instant::now) + every;
-                        keepalive.as_mut().reset(next.into());
-                    }
-                    _ = async {
-                        if down_pending { self.client.writable().await } else { self.upstream.readable().await }
-                    } => {
-                        if let Some(end) = self.pump(Dir::Down, grace) {
-                            break 'relay end;
-                        }
-                        self.note_client_backlog(stall_after);
-                    }
-                    _ = async {
-                        if up_pending { self.upstream.writable().await } else { self.client.readable().await }
-                    } => {
-                        if let Some(end) = self.pump(Dir::Up, grace) {
-                            break 'relay end;
-                        }
-                    }
-                }
-            }
+        let Some(end) = self.relay(client_leftover, upstream_leftover).await else {
+            // Hard stop: dropped at once (the guard counts the session as aborted).
+            return;
         };
+        let hard_stop = self.state.drain.hard_stop_token();
         // Boxed: the end sequence is allocated when a session ends, not held by idle ones.
-        Box::pin(self.finish(end)).await;
+        tokio::select! {
+            _ = Box::pin(self.finish(end)) => {}
+            _ = hard_stop.cancelled() => {}
+        }
+    }
+
+    /// Relay both directions until something ends the session (`None`: a hard stop).
+    ///
+    /// One hand-written poll loop rather than a `select!` rebuilt on every wake-up: socket
+    /// readiness is asked only of the side each direction waits on, and the state's watch
+    /// is polled only when its version moved (its waker stays registered in between).
+    async fn relay(&mut self, client_leftover: Vec<u8>, upstream_leftover: Vec<u8>) -> Option<End> {
+        let mut rx = self.state.subscribe();
+        let seen: Arc<Snapshot> = rx.borrow_and_update().clone();
+        let grace = seen.settings.heartbeat_grace;
+        // Bytes that arrived with the handshakes go first, through the scanners.
+        if !upstream_leftover.is_empty() {
+            if let Some(end) = self.feed(Dir::Down, &upstream_leftover, grace) {
+                return Some(end);
+            }
+            self.note_client_backlog(seen.settings.client_stall_timeout);
+        }
+        if !client_leftover.is_empty() {
+            if let Some(end) = self.feed(Dir::Up, &client_leftover, grace) {
+                return Some(end);
+            }
+        }
+        drop((client_leftover, upstream_leftover));
+        if seen.hard_stop {
+            return None;
+        }
+        let health = seen.lane(self.info.lane);
+        if !health.up {
+            return Some(End::Down(health.clone()));
+        }
+        let keepalive_every = self.keepalive_period(&seen);
+        let mut ctl = Controls {
+            watch: StateWatch::new(rx),
+            armed: None,
+            keepalive_every,
+            grace,
+            stall_after: seen.settings.client_stall_timeout,
+            seen,
+        };
+        let mut watchdog = std::pin::pin!(tokio::time::sleep(FAR));
+        // Client keepalive: a heartbeat when nothing went to the client for a while.
+        let mut keepalive = std::pin::pin!(tokio::time::sleep(FAR));
+        if let Some(every) = keepalive_every {
+            self.last_to_client = Some(Instant::now());
+            keepalive
+                .as_mut()
+                .reset(tokio::time::Instant::now() + every);
+        }
+        std::future::poll_fn(|cx| {
+            self.poll_relay(cx, &mut ctl, watchdog.as_mut(), keepalive.as_mut())
+        })
+        .await
+    }
+
+    /// One wake-up of the relay: the state first, then the timers, then both directions
+    /// until neither can make progress.
+    fn poll_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+        ctl: &mut Controls,
+        mut watchdog: Pin<&mut tokio::time::Sleep>,
+        mut keepalive: Pin<&mut tokio::time::Sleep>,
+    ) -> Poll<Option<End>> {
+        while let Poll::Ready(change) = ctl.watch.poll_change(cx) {
+            let Some(snap) = change else {
+                return Poll::Ready(Some(End::Down(ctl.seen.lane(self.info.lane).clone())));
+            };
+            if snap.hard_stop {
+                return Poll::Ready(None);
+            }
+            let health = snap.lane(self.info.lane);
+            if !health.up {
+                return Poll::Ready(Some(End::Down(health.clone())));
+            }
+            if !Arc::ptr_eq(&snap.settings, &ctl.seen.settings) {
+                if self.revoked(&ctl.seen, &snap) {
+                    return Poll::Ready(Some(End::Revoked));
+                }
+                let every = self.keepalive_period(&snap);
+                if every != ctl.keepalive_every {
+                    ctl.keepalive_every = every;
+                    self.last_to_client = every.map(|_| Instant::now());
+                    let at = every.unwrap_or(FAR);
+                    keepalive.as_mut().reset(tokio::time::Instant::now() + at);
+                }
+                // Follows reloads: the next heartbeat re-arms the watchdog with the new factor.
+                ctl.grace = snap.settings.heartbeat_grace;
+                ctl.stall_after = snap.settings.client_stall_timeout;
+            }
+            ctl.seen = snap;
+        }
+        loop {
+            let mut yielded = false;
+            for dir in [Dir::Down, Dir::Up] {
+                loop {
+                    match self.poll_direction(cx, dir, ctl.grace) {
+                        Poll::Pending => break,
+                        Poll::Ready(Pumped::Again) => continue,
+                        Poll::Ready(Pumped::Yield) => {
+                            yielded = true;
+                            break;
+                        }
+                        Poll::Ready(Pumped::End(end)) => return Poll::Ready(Some(end)),
+                    }
+                }
+            }
+            self.note_client_backlog(ctl.stall_after);
+            // Timers after the sockets: a heartbeat just relayed re-arms the watchdog
+            // before it is asked whether it expired. One timer for both deadlines: the
+            // backend's heartbeat and a client that takes nothing.
+            let due = match (self.learned.heartbeat_deadline, self.stall_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if due != ctl.armed {
+                ctl.armed = due;
+                if let Some(at) = ctl.armed {
+                    watchdog.as_mut().reset(at.into());
+                }
+            }
+            if ctl.armed.is_some() && watchdog.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if self.stall_deadline.is_some_and(|at| at <= now) {
+                    return Poll::Ready(Some(End::ClientStalled(ctl.stall_after)));
+                }
+                if self.learned.heartbeat_deadline.is_some_and(|at| at <= now) {
+                    return Poll::Ready(Some(End::HeartbeatTimeout(self.learned.heartbeat_window)));
+                }
+                // Woken a hair early: arm again for what is still due.
+                ctl.armed = None;
+                continue;
+            }
+            if let Some(every) = ctl.keepalive_every {
+                if keepalive.as_mut().poll(cx).is_ready() {
+                    let last = self.last_to_client.unwrap_or_else(Instant::now);
+                    if last.elapsed() + Duration::from_millis(1) >= every {
+                        self.send_keepalive(&ctl.seen);
+                        self.last_to_client = Some(Instant::now());
+                    }
+                    let next = self.last_to_client.unwrap_or_else(Instant::now) + every;
+                    keepalive.as_mut().reset(next.into());
+                    continue;
+                }
+            }
+            if yielded {
+                // Read budget used up with more waiting: let other sessions run first.
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// Wait for the side `dir` is blocked on (the destination while something is pending,
+    /// else the source), then pump it.
+    fn poll_direction(&mut self, cx: &mut Context<'_>, dir: Dir, grace: f64) -> Poll<Pumped> {
+        let ready = match dir {
+            Dir::Down if self.down.has_pending() => self.client.poll_write_ready(cx),
+            Dir::Down => self.upstream.poll_read_ready(cx),
+            Dir::Up if self.up.has_pending() => self.upstream.poll_write_ready(cx),
+            Dir::Up => self.client.poll_read_ready(cx),
+        };
+        match ready {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Pumped::End(match dir {
+                Dir::Down => End::BackendLost(e.to_string()),
+                Dir::Up => End::ClientGone(e.to_string()),
+            })),
+            Poll::Ready(Ok(())) => Poll::Ready(self.pump(dir, grace)),
+        }
     }
 
     /// Frames wait for the client: start (or, when it took some, restart) the stall clock;
@@ -343,8 +438,8 @@ impl Session {
         self.end_of(dir, step)
     }
 
-    /// One wake-up of one direction. Some(end) when the session must end.
-    fn pump(&mut self, dir: Dir, grace: f64) -> Option<End> {
+    /// One wake-up of one direction.
+    fn pump(&mut self, dir: Dir, grace: f64) -> Pumped {
         let state = &*self.state;
         let learned = &mut self.learned;
         let mut on_text =
@@ -365,7 +460,13 @@ impl Session {
                 *t = Instant::now();
             }
         }
-        self.end_of(dir, step)
+        match step {
+            Step::Yield => Pumped::Yield,
+            step => match self.end_of(dir, step) {
+                Some(end) => Pumped::End(end),
+                None => Pumped::Again,
+            },
+        }
     }
 
     /// What a direction's step means for the session: Some(end) when it must end.
@@ -402,6 +503,17 @@ impl Session {
         }
         // Sessions ending because their lane went down take part in the sweep.
         let ticket = matches!(end, End::Down(_)).then(|| self.state.sessions.sweep_ticket());
+        if let End::Down(h) = &end {
+            self.learned.await_kick = h.cause == Cause::Offline
+                && self.info.role.gets_events()
+                && !self.learned.kick_seen
+                && self
+                    .state
+                    .backend()
+                    .last_kick
+                    .as_ref()
+                    .is_some_and(|k| k.at.elapsed().unwrap_or_default() < KICK_RECENT);
+        }
         let close_timeout = self.state.settings().close_timeout;
         let outcome = match &end {
             End::ClientClosed(code) => {
@@ -417,6 +529,13 @@ impl Session {
             End::ClientGone(_) => Outcome::default(),
             _ => self.terminate(&verdict, close_timeout, ticket).await,
         };
+        if let End::BackendViolation(why) = &end {
+            // RFC 6455 7.1.7: fail the connection, saying why, if a frame can still go.
+            if self.up.scanner.at_boundary() && !self.up.has_pending() {
+                let bye = ws::close_frame(ws::code::PROTOCOL_ERROR, why, ws::random_mask());
+                let _ = self.upstream.try_write(&bye);
+            }
+        }
         if !verdict.by_client || matches!(end, End::ClientGone(_)) {
             // Say goodbye to the backend too, if its connection still works and a frame can
             // go in now.
@@ -427,13 +546,6 @@ impl Session {
                     "client session ended by lifeguard"
                 };
                 let bye = ws::close_frame(ws::code::GOING_AWAY, why, ws::random_mask());
-                let _ = self.upstream.try_write(&bye);
-            }
-        }
-        if let End::BackendViolation(why) = &end {
-            // RFC 6455 7.1.7: fail the connection, saying why, if a frame can still go.
-            if self.up.scanner.at_boundary() && !self.up.has_pending() {
-                let bye = ws::close_frame(ws::code::PROTOCOL_ERROR, why, ws::random_mask());
                 let _ = self.upstream.try_write(&bye);
             }
         }
@@ -546,7 +658,10 @@ impl Session {
                 }
                 Step::SrcGone(_) | Step::DstGone(_) | Step::Violation(..) => return,
                 Step::Idle
-                    if !until_close && self.down.scanner.at_boundary() && !waiting_replies =>
+                    if !until_close
+                        && self.down.scanner.at_boundary()
+                        && !waiting_replies
+                        && self.learned.kick_heard() =>
                 {
                     // Everything already received has been handed over.
                     self.write_down(deadline).await;
@@ -608,6 +723,72 @@ impl Session {
                 _ = self.client.readable() => {}
             }
         }
+    }
+}
+
+/// What pumping a direction once left to do.
+enum Pumped {
+    /// Ask the socket again (it may be drained or blocked by now).
+    Again,
+    /// The read budget is used up and more is waiting.
+    Yield,
+    End(End),
+}
+
+/// The relay loop's own state between wake-ups.
+struct Controls {
+    watch: StateWatch,
+    /// The heartbeat deadline the watchdog is set to.
+    armed: Option<Instant>,
+    keepalive_every: Option<Duration>,
+    /// The heartbeat grace factor in force.
+    grace: f64,
+    /// `--client-stall-timeout` in force.
+    stall_after: Duration,
+    /// The snapshot last acted on.
+    seen: Arc<Snapshot>,
+}
+
+/// The state's watch channel, waited on without re-registering at every wake-up: the
+/// wait is polled to register the task once, then only when the version moved.
+struct StateWatch {
+    rx: watch::Receiver<Arc<Snapshot>>,
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+    registered: bool,
+}
+
+impl StateWatch {
+    fn new(rx: watch::Receiver<Arc<Snapshot>>) -> StateWatch {
+        let wait = Self::wait_on(rx.clone());
+        StateWatch {
+            rx,
+            wait,
+            registered: false,
+        }
+    }
+
+    fn wait_on(mut rx: watch::Receiver<Arc<Snapshot>>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        // Unconstrained: under tokio's cooperative budget a poll could return Pending
+        // without registering the task, and a wait skipped afterwards would never wake.
+        Box::pin(tokio::task::unconstrained(async move {
+            let _ = rx.changed().await;
+        }))
+    }
+
+    /// `Ready(Some(snapshot))` after a change, `Ready(None)` when the state is gone.
+    fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Snapshot>>> {
+        if self.registered && matches!(self.rx.has_changed(), Ok(false)) {
+            return Poll::Pending;
+        }
+        if self.wait.as_mut().poll(cx).is_pending() {
+            self.registered = true;
+            return Poll::Pending;
+        }
+        let closed = self.rx.has_changed().is_err();
+        let snap = self.rx.borrow_and_update().clone();
+        self.wait = Self::wait_on(self.rx.clone());
+        self.registered = false;
+        Poll::Ready((!closed).then_some(snap))
     }
 }
 

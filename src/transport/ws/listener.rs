@@ -317,10 +317,7 @@ async fn handshake(
         drop(parts.read_buf);
         tracing::debug!(session = id, peer = %info.peer, path = %info.path, "session opened");
         let session = Session::new(task_state.clone(), info, guard, client, connected.stream);
-        tokio::select! {
-            _ = session.run(client_leftover, connected.leftover) => {}
-            _ = task_state.drain.hard_stopped() => {}
-        }
+        session.run(client_leftover, connected.leftover).await;
     });
     handshake::switching(&key)
 }
