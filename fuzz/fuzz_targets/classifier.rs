@@ -16,6 +16,11 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
+        Kind::BotOffline { tag, message, .. } => {
+            // What a kick notice says is kept, but bounded.
+            assert!(tag.len() <= onebot::NOTICE_TEXT_MAX + 4, "{}", tag.len());
+            assert!(message.len() <= onebot::NOTICE_TEXT_MAX + 4, "{}", message.len());
+        }
         Kind::Reply | Kind::Event => {}
     }
     // What lifeguard builds from what it learned stays valid JSON.
