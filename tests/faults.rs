@@ -778,6 +778,7 @@ async fn fd_exhaustion_never_takes_healthy_sessions_down() {
         let released =
             lg.count_logs(|v| v["message"] == "gave freed memory back to the operating system");
         println!("FLOOD memory handed back to the system {released} times");
+        assert!(released >= 1, "the flood's memory was handed back");
         assert!(
             settled_rss < base_rss + 8 * 1024,
             "RSS {base_rss} KiB before, {settled_rss} KiB after the flood"

@@ -11,7 +11,8 @@ fuzz_target!(|data: &[u8]| {
     match onebot::classify(data) {
         Kind::Heartbeat { self_id, .. } | Kind::Lifecycle { self_id, .. } => {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
-                if let (Some(id), Some(json)) = (self_id, v.get("self_id").and_then(|x| x.as_u64())) {
+                if let (Some(id), Some(json)) = (self_id, v.get("self_id").and_then(|x| x.as_u64()))
+                {
                     assert_eq!(id, json, "self_id read differently than JSON says");
                 }
             }
@@ -19,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
         Kind::BotOffline { tag, message, .. } => {
             // What a kick notice says is kept, but bounded.
             assert!(tag.len() <= onebot::NOTICE_TEXT_MAX + 4, "{}", tag.len());
-            assert!(message.len() <= onebot::NOTICE_TEXT_MAX + 4, "{}", message.len());
+            assert!(
+                message.len() <= onebot::NOTICE_TEXT_MAX + 4,
+                "{}",
+                message.len()
+            );
         }
         Kind::Reply | Kind::Event => {}
     }
@@ -27,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(status) = std::str::from_utf8(data) {
         if serde_json::from_str::<serde_json::Value>(status).is_ok_and(|v| v.is_object()) {
             let beat = onebot::heartbeat_event(1, status, 1000);
-            assert!(serde_json::from_str::<serde_json::Value>(&beat).is_ok(), "{beat}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&beat).is_ok(),
+                "{beat}"
+            );
         }
     }
 });

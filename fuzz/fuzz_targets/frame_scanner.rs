@@ -62,7 +62,9 @@ fn check_forwarded(bytes: &[u8], max: u64) {
         let (b0, b1) = (bytes[i], bytes[i + 1]);
         let opcode = b0 & 0x0F;
         let (len, mut hl) = match b1 & 0x7F {
-            126 if i + 4 <= bytes.len() => (u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as u64, 4),
+            126 if i + 4 <= bytes.len() => {
+                (u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as u64, 4)
+            }
             127 if i + 10 <= bytes.len() => (
                 u64::from_be_bytes(bytes[i + 2..i + 10].try_into().unwrap()),
                 10,
@@ -70,7 +72,10 @@ fn check_forwarded(bytes: &[u8], max: u64) {
             126 | 127 => return,
             l => (l as u64, 2),
         };
-        assert!(len >> 63 == 0, "a length with the top bit set was forwarded");
+        assert!(
+            len >> 63 == 0,
+            "a length with the top bit set was forwarded"
+        );
         if b1 & 0x80 != 0 {
             hl += 4;
         }
@@ -106,8 +111,16 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
     }
-    let from = if data[0] & 1 == 0 { From::Server } else { From::Client };
-    let max = if data[0] & 2 == 0 { 1 << 16 } else { usize::MAX };
+    let from = if data[0] & 1 == 0 {
+        From::Server
+    } else {
+        From::Client
+    };
+    let max = if data[0] & 2 == 0 {
+        1 << 16
+    } else {
+        usize::MAX
+    };
     let step = data[1] as usize % 97 + 1;
     let stream = &data[2..];
     let whole = relay(from, max, stream, usize::MAX);
@@ -119,7 +132,15 @@ fuzz_target!(|data: &[u8]| {
     }
     match (&whole.stop, &pieces.stop) {
         (Some(Stop::Violation { code: a, .. }), Some(Stop::Violation { code: b, .. })) => {
-            assert_eq!(a, b, "the same rule broken, whatever the reads: {:?} ({}) vs {:?} ({})", whole.stop, whole.forwarded.len(), pieces.stop, pieces.forwarded.len())
+            assert_eq!(
+                a,
+                b,
+                "the same rule broken, whatever the reads: {:?} ({}) vs {:?} ({})",
+                whole.stop,
+                whole.forwarded.len(),
+                pieces.stop,
+                pieces.forwarded.len()
+            )
         }
         (Some(Stop::Violation { .. }), other) | (other, Some(Stop::Violation { .. })) => {
             // Only a check on a payload (UTF-8) can fire in one reading and not yet in the

@@ -16,9 +16,18 @@ fuzz_target!(|data: &[u8]| {
             let listed: usize = v
                 .get("network")
                 .and_then(|n| n.as_object())
-                .map(|n| n.values().filter_map(|l| l.as_array()).map(|l| l.len()).sum())
+                .map(|n| {
+                    n.values()
+                        .filter_map(|l| l.as_array())
+                        .map(|l| l.len())
+                        .sum()
+                })
                 .unwrap_or(0);
-            assert!(file.entries.len() <= listed, "{} > {listed}", file.entries.len());
+            assert!(
+                file.entries.len() <= listed,
+                "{} > {listed}",
+                file.entries.len()
+            );
         }
     }
 });
