@@ -50,7 +50,7 @@ for t in "${TARGETS[@]}"; do
   cargo "${TOOLCHAIN[@]}" fuzz run "$t" --release -- \
     -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     >"$log" 2>&1 || status=$?
-  grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::new_units_added|==[0-9]+==|SUMMARY)|panicked|Test unit written" "$log" || true
+  grep -E "^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::new_units_added|==[0-9]+==|SUMMARY)|panicked|Test unit written" "$log" || true
   if [ "$status" -ne 0 ]; then
     tail -40 "$log" >&2
     echo "fuzz: $t failed (exit $status); a crash input, if any, is in fuzz/artifacts/$t/" >&2
