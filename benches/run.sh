@@ -71,6 +71,8 @@ LG_REV_PORT=$((BASE_PORT + 12))
 BOTS_PORT=$((BASE_PORT + 50))
 
 # 9,000 sessions: the load generator holds 9,000 fds, the simulator 9,000, a proxy 18,000.
+# They all come from 127.0.0.1, so lifeguard runs with LIFEGUARD_MAX_CONNECTIONS_PER_IP=20000 (the
+# default, half the cap, is meant for real deployments).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 19000 ] && [ "$QUICK" = 0 ]; then
   echo "run.sh: warning: fd limit $(ulimit -n) is below 19,000; the 9,000-session figures will fail" >&2
@@ -227,7 +229,7 @@ start_target() { # name: sets URL, PIDS, ADMIN_ARG, REV_ARG, TARGET_PID
       REV_ARG=(--reverse-dial "ws://127.0.0.1:$BOTS_PORT/onebot/v11/ws" --reverse-bots "127.0.0.1:$BOTS_PORT") ;;
     lifeguard|lifeguard-b)
       bin=$LIFEGUARD; [ "$1" = lifeguard-b ] && bin=${BENCH_LIFEGUARD_B:?lifeguard-b needs BENCH_LIFEGUARD_B=/path/to/another/lifeguard}
-      "$bin" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
+      LIFEGUARD_MAX_CONNECTIONS_PER_IP=20000 "$bin" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
         --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" \
         --reverse-listen "127.0.0.1:$LG_REV_PORT" --reverse-url "ws://127.0.0.1:$BOTS_PORT" >"$WORK/lifeguard.log" 2>&1 &
       TARGET_PID=$!

@@ -93,9 +93,13 @@ impl Proxy {
         if let Some(posts) = posts {
             state.drain.spawn_session(post::serve(state.clone(), posts));
         }
+        let limits = state.conns.limits(&state.settings());
         tracing::info!(
             listen = %addr,
             admin = %admin_addr,
+            max_connections = limits.max,
+            max_connections_per_ip = limits.per_ip,
+            fd_limit = state.conns.fd_limit(),
             reverse_listen = %reverse_addr.map(|a| a.to_string()).unwrap_or_default(),
             upstream = %state.settings().upstream.as_ref().map(|u| u.to_string()).unwrap_or_default(),
             upstream_http = %state.settings().upstream_http.as_ref().map(|u| u.to_string()).unwrap_or_default(),
@@ -124,9 +128,19 @@ async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}{what}: {e}")))
 }
 
-/// Run the proxy until SIGTERM/SIGINT, then drain. Exit 0 on a clean stop. `source` is
-/// the config file's content `settings` came from: a reload compares the file with it.
-pub async fn serve(args: RunArgs, settings: Settings, source: Option<Vec<u8>>) -> ExitCode {
+/// Run the proxy until SIGTERM/SIGINT, then drain. Exit 0 on a clean stop.
+///
+/// `source` is the config file's content `settings` came from: a reload compares the file
+/// with it. `release_memory` gives freed heap back to the operating system (glibc's
+/// `malloc_trim`); it is called after many connections went away, so that a flood's
+/// memory does not stay resident (see RELIABILITY.md).
+pub async fn serve(
+    args: RunArgs,
+    settings: Settings,
+    source: Option<Vec<u8>>,
+    release_memory: Option<fn()>,
+) -> ExitCode {
+    raise_fd_limit();
     let proxy = match Proxy::start(settings).await {
         Ok(p) => p,
         Err(e) => {
@@ -135,10 +149,82 @@ pub async fn serve(args: RunArgs, settings: Settings, source: Option<Vec<u8>>) -
             return ExitCode::from(1);
         }
     };
+    if let Some(release) = release_memory {
+        proxy
+            .state
+            .drain
+            .spawn_background(give_memory_back(proxy.state.clone(), release));
+    }
     reload::start(&proxy.state, args, source);
     wait_for_stop_signal().await;
     proxy.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Connections that must have gone (from the recent peak) before freed memory is handed
+/// back: a flood, not everyday churn.
+const RELEASE_AFTER_DROP: usize = 128;
+
+/// After a flood, the allocator keeps what the flood's connections used (glibc: about 3
+/// times the live heap, never returned on its own). Once at least [`RELEASE_AFTER_DROP`]
+/// connections are gone and the count has stayed down for a few seconds, hand it back.
+async fn give_memory_back(state: Arc<State>, release: fn()) {
+    const TICK: Duration = Duration::from_secs(1);
+    const QUIET_TICKS: u32 = 3;
+    let mut peak = 0usize;
+    let mut quiet = 0u32;
+    loop {
+        tokio::select! {
+            _ = state.drain.hard_stopped() => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        let open = state.conns.open();
+        if open >= peak {
+            peak = open;
+            quiet = 0;
+            continue;
+        }
+        if peak - open < RELEASE_AFTER_DROP {
+            continue;
+        }
+        quiet += 1;
+        if quiet < QUIET_TICKS {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let _ = tokio::task::spawn_blocking(release).await;
+        tracing::info!(
+            connections_before = peak,
+            connections_now = open,
+            took_ms = started.elapsed().as_millis() as u64,
+            "gave freed memory back to the operating system"
+        );
+        peak = open;
+        quiet = 0;
+    }
+}
+
+/// Soft open-file limit up to the hard one: the connection cap derives from it, and
+/// 1024 (a common soft default) would cap lifeguard at a few hundred clients.
+pub fn raise_fd_limit() {
+    use rlimit::Resource;
+    let Ok((soft, hard)) = Resource::NOFILE.get() else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    match rlimit::increase_nofile_limit(hard) {
+        Ok(now) if now > soft => {
+            tracing::info!(
+                from = soft,
+                to = now,
+                "raised the open-file limit (soft) to the hard limit"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).

@@ -36,7 +36,12 @@ fn main() -> ExitCode {
                 }
             };
             let _log = lifeguard::cli::init_tracing(settings.log_format);
-            runtime().block_on(lifeguard::app::serve(cli.run, settings, source))
+            runtime().block_on(lifeguard::app::serve(
+                cli.run,
+                settings,
+                source,
+                release_memory(),
+            ))
         }
     }
 }
@@ -54,6 +59,24 @@ fn check_config(args: &RunArgs) -> ExitCode {
             }
             ExitCode::from(EXIT_USAGE as u8)
         }
+    }
+}
+
+/// glibc keeps freed heap mapped; `malloc_trim` returns it (other allocators: nothing).
+fn release_memory() -> Option<fn()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        fn trim() {
+            // SAFETY: malloc_trim takes no pointers and is thread-safe.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+        Some(trim)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
     }
 }
 

@@ -64,6 +64,9 @@ pub struct Metrics {
     post_queued: Family<Labels, Gauge>,
     post_quick: Family<Labels, Counter>,
     post_lifecycle: Family<Labels, Counter>,
+    connections_open: Gauge,
+    connections_refused: Family<Labels, Counter>,
+    probes_skipped: Family<Labels, Counter>,
     notify_delivered: Counter,
     notify_dropped: Family<Labels, Counter>,
     reverse_backends: Family<Labels, Gauge>,
@@ -122,6 +125,24 @@ impl Metrics {
         let post_queued = Family::<Labels, Gauge>::default();
         let post_quick = Family::<Labels, Counter>::default();
         let post_lifecycle = Family::<Labels, Counter>::default();
+        let connections_open = Gauge::default();
+        let connections_refused = Family::<Labels, Counter>::default();
+        let probes_skipped = Family::<Labels, Counter>::default();
+        r.register(
+            "client_connections_open",
+            "Client connections held (handshaking or relaying), counted against --max-connections",
+            connections_open.clone(),
+        );
+        r.register(
+            "client_connections_refused",
+            "Client connections answered 503 before any handshake, by cause (capacity, per-ip-limit, fd-exhausted)",
+            connections_refused.clone(),
+        );
+        r.register(
+            "probes_skipped",
+            "Probes that could not run for a local reason (no file descriptor), not counted against the backend",
+            probes_skipped.clone(),
+        );
         let notify_delivered = Counter::default();
         let notify_dropped = Family::<Labels, Counter>::default();
         let reverse_backends = Family::<Labels, Gauge>::default();
@@ -280,6 +301,9 @@ impl Metrics {
             post_queued,
             post_quick,
             post_lifecycle,
+            connections_open,
+            connections_refused,
+            probes_skipped,
             notify_delivered,
             notify_dropped,
             reverse_backends,
@@ -493,6 +517,22 @@ impl Metrics {
         self.reverse_online
             .get_or_create(&l("self_id", self_id))
             .set(online as i64);
+    }
+
+    pub fn connections_open(&self, n: usize) {
+        self.connections_open.set(n as i64);
+    }
+
+    pub fn connection_refused(&self, cause: &'static str) {
+        self.connections_refused
+            .get_or_create(&l("cause", cause))
+            .inc();
+    }
+
+    pub fn probe_skipped(&self, reason: &'static str) {
+        self.probes_skipped
+            .get_or_create(&l("reason", reason))
+            .inc();
     }
 
     pub fn reload(&self, ok: bool) {

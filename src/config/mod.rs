@@ -41,6 +41,8 @@ pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_POST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_POST_QUEUE: usize = 4096;
 pub const DEFAULT_POST_RETRY_FOR: Duration = Duration::from_secs(60);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Exit status for a bad flag, value or config file (sysexits' EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
@@ -226,6 +228,20 @@ settings! {
     /// Send a client a heartbeat when nothing was sent to it for DUR [default: off].
     client_heartbeat: Option<Duration> = None, from Duration, via positive_or_off("client_heartbeat"), applied Live,
         arg(env = "LIFEGUARD_CLIENT_HEARTBEAT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// Client connections held at once, handshaking or relaying; more get 503 [default: (open-file limit - 192) / 2].
+    max_connections: Option<u32> = None, from u32, via at_least_some("max_connections", 1), applied Live,
+        arg(env = "LIFEGUARD_MAX_CONNECTIONS", value_name = "N"), file();
+    /// Client connections held at once from one IP address; more get 503 [default: half of --max-connections].
+    max_connections_per_ip: Option<u32> = None, from u32, via at_least_some("max_connections_per_ip", 1), applied Live,
+        arg(env = "LIFEGUARD_MAX_CONNECTIONS_PER_IP", value_name = "N"), file();
+    /// How long a new client connection may take to send its whole handshake request [default: 3s].
+    handshake_timeout: Duration = DEFAULT_HANDSHAKE_TIMEOUT, from Duration, via positive("handshake_timeout"), applied Live,
+        arg(env = "LIFEGUARD_HANDSHAKE_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
+        file(, deserialize_with = "de_duration");
+    /// A client that takes nothing for DUR while frames wait for it is closed alone (1008, cause client-stalled) [default: 30s].
+    client_stall_timeout: Duration = DEFAULT_CLIENT_STALL_TIMEOUT, from Duration, via positive("client_stall_timeout"), applied Live,
+        arg(env = "LIFEGUARD_CLIENT_STALL_TIMEOUT", value_name = "DUR", value_parser = parse_duration),
         file(, deserialize_with = "de_duration");
     /// Log format [default: text]; the filter comes from RUST_LOG (default: info).
     log_format: LogFormat = LogFormat::Text, from LogFormat, via same, applied Restart,

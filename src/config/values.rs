@@ -477,6 +477,15 @@ pub fn at_least<T: PartialOrd + fmt::Display + Copy>(
     }
 }
 
+/// An optional count that, when set, is at least `min`.
+pub fn at_least_some<T: PartialOrd + fmt::Display + Copy>(
+    what: &'static str,
+    min: T,
+) -> impl Fn(T) -> Result<Option<T>, String> {
+    let check = at_least(what, min);
+    move |v| check(v).map(Some)
+}
+
 /// A factor of the backend's heartbeat interval.
 pub fn grace_factor(v: f64) -> Result<f64, String> {
     if v.is_finite() && v >= 1.0 {

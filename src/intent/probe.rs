@@ -50,6 +50,16 @@ pub async fn run_prober(state: Arc<State>) {
             _ = state.drain.hard_stopped() => return,
             r = probe_once(&s) => r,
         };
+        let result = match result {
+            Err(ProbeError::Local(e)) => {
+                // Our own shortage says nothing about the backend: not counted.
+                state.metrics.probe_skipped("local");
+                tracing::warn!(error = %e, "probe could not run (local shortage); not counted against the backend");
+                continue;
+            }
+            Err(ProbeError::Backend(e)) => Err(e),
+            Ok(()) => Ok(()),
+        };
         state
             .metrics
             .probe_done("ws", last.elapsed(), result.is_ok());
@@ -218,14 +228,26 @@ async fn http_call(
     }
 }
 
+/// Why a probe did not pass.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// The backend failed it.
+    Backend(String),
+    /// lifeguard could not even try (out of descriptors, say).
+    Local(String),
+}
+
 /// One probe: open `/api`, say goodbye properly, report.
-pub async fn probe_once(s: &Settings) -> Result<(), String> {
+pub async fn probe_once(s: &Settings) -> Result<(), ProbeError> {
     let Some(upstream) = &s.upstream else {
-        return Err("no upstream configured".into());
+        return Err(ProbeError::Backend("no upstream configured".into()));
     };
     let c = dial::connect(upstream, "/api", s.upstream_token.as_ref(), s.probe_timeout)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e.is_local() {
+            true => ProbeError::Local(e.to_string()),
+            false => ProbeError::Backend(e.to_string()),
+        })?;
     let mut stream = c.stream;
     let close = ws::close_frame(ws::code::NORMAL, "lifeguard probe", ws::random_mask());
     let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(&close)).await;

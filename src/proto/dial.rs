@@ -24,6 +24,22 @@ pub enum ConnectError {
     Invalid(&'static str),
 }
 
+impl ConnectError {
+    /// This machine, not the backend, is out of something (descriptors, buffers, memory):
+    /// never a reason to call the backend unhealthy.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ConnectError::Io(e) if is_local_exhaustion(e))
+    }
+}
+
+/// Out of file descriptors (process or system), socket buffers or memory.
+pub fn is_local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// An open WebSocket connection to the backend, as raw bytes.
 pub struct Connected {
     pub stream: TcpStream,

@@ -32,6 +32,16 @@ pub mod code {
     pub const BACKEND_GONE: u16 = TRY_AGAIN_LATER;
 }
 
+/// RFC 6455 5.2: the most significant bit of a 64-bit payload length must be 0.
+pub const MAX_FRAME_LEN: u64 = i64::MAX as u64;
+
+/// Close codes a peer may send (RFC 6455 7.4, the IANA registry's assigned codes, and the
+/// ranges for libraries and applications). 1004-1006 and 1015 are reserved and must never
+/// be sent; 1016-2999 are unassigned; below 1000 and from 5000 up are not codes.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 /// Text frames from the backend up to this size are classified (connect, heartbeat,
 /// API reply); larger ones are events or bulk replies and stream through unseen.
 pub const CLASSIFY_MAX: usize = 1024;
@@ -42,6 +52,28 @@ pub const PEEK: usize = 32;
 pub use tokio_tungstenite::tungstenite::handshake::client::generate_key as new_key;
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 4.2.2).
 pub use tokio_tungstenite::tungstenite::handshake::derive_accept_key as accept_key;
+
+/// A `Sec-WebSocket-Key` as RFC 6455 4.1 requires: 16 bytes, base64-encoded (24
+/// characters, the last two `==`, canonical: the unused bits of the last digit are 0).
+pub fn valid_client_key(key: &[u8]) -> bool {
+    fn digit(c: u8) -> Option<u8> {
+        match c {
+            b'A'..=b'Z' => Some(c - b'A'),
+            b'a'..=b'z' => Some(c - b'a' + 26),
+            b'0'..=b'9' => Some(c - b'0' + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let [body @ .., b'=', b'='] = key else {
+        return false;
+    };
+    body.len() == 22
+        && body.iter().all(|c| digit(*c).is_some())
+        // 22 digits carry 132 bits; the last 4 are padding.
+        && digit(body[21]).is_some_and(|d| d & 0x0F == 0)
+}
 
 /// Encode one unfragmented frame. `mask` is required for frames a client sends.
 pub fn encode_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
@@ -245,11 +277,12 @@ impl FrameScanner {
                 pos = end;
                 continue;
             }
-            // Data frame.
-            self.message_len += h.len;
-            if self.message_len > self.max_message {
-                return self.violation(pos, (code::TOO_BIG, "message too big"));
-            }
+            // Data frame. The peer chose `h.len`: a sum that does not fit is too big too.
+            // Counted once the frame is taken, not when it is carried to the next read.
+            let message_len = match self.message_len.checked_add(h.len) {
+                Some(total) if total <= self.max_message => total,
+                _ => return self.violation(pos, (code::TOO_BIG, "message too big")),
+            };
             let whole_text = h.opcode == OP_TEXT && h.fin && (h.len as usize) <= CLASSIFY_MAX;
             let server_text = h.opcode == OP_TEXT && self.from == From::Server;
             let peek = if whole_text {
@@ -263,6 +296,7 @@ impl FrameScanner {
             if server_text && !whole_text {
                 on_text(&buf[start..start + peek as usize], false);
             }
+            self.message_len = message_len;
             self.frames += 1;
             let take = avail.min(h.len) as usize;
             let opcode = if h.opcode == OP_CONT {
@@ -319,6 +353,12 @@ impl FrameScanner {
     }
 
     fn check_header(&self, h: &Header) -> Result<(), (u16, &'static str)> {
+        if h.len > MAX_FRAME_LEN {
+            return Err((
+                code::PROTOCOL_ERROR,
+                "frame length has its most significant bit set",
+            ));
+        }
         if h.rsv != 0 {
             return Err((
                 code::PROTOCOL_ERROR,
@@ -507,6 +547,9 @@ fn parse_close(payload: &[u8]) -> Result<(Option<u16>, String), (u16, &'static s
         1 => Err((code::PROTOCOL_ERROR, "one-byte close payload")),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !close_code_allowed(code) {
+                return Err((code::PROTOCOL_ERROR, "close code not allowed on the wire"));
+            }
             let reason = std::str::from_utf8(&payload[2..])
                 .map_err(|_| (code::INVALID_PAYLOAD, "close reason is not UTF-8"))?;
             Ok((Some(code), reason.to_string()))
@@ -653,6 +696,91 @@ mod tests {
         assert!(matches!(r.stop, Some(Stop::Violation { code: 1009, .. })));
     }
 
+    /// A frame header claiming `len` bytes (64-bit form), masked, with no payload.
+    fn header_claiming(opcode_byte: u8, len: u64) -> Vec<u8> {
+        let mut h = vec![opcode_byte, 0x80 | 127];
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(&[1, 2, 3, 4]);
+        h
+    }
+
+    #[test]
+    fn a_length_that_wraps_the_message_total_never_gets_through() {
+        // One byte of an unfinished message, then a continuation claiming 2^64-1 bytes:
+        // the running total used to wrap to 0 and let everything after it through.
+        let mut first = encode_frame(OP_TEXT, b"x", Some([9, 9, 9, 9]));
+        first[0] &= 0x7F;
+        for (len, want) in [(u64::MAX, 1002), (1 << 63, 1002), (MAX_FRAME_LEN, 1009)] {
+            let mut buf = first.clone();
+            let at = buf.len();
+            buf.extend(header_claiming(OP_CONT, len));
+            buf.extend(encode_frame(OP_TEXT, b"smuggled", Some([1, 1, 1, 1])));
+            let mut s = FrameScanner::new(From::Client, 64 << 20);
+            let (r, _) = scan_all(&mut s, &buf);
+            assert_eq!(r.forward, at, "len {len:#x}: nothing past the bad header");
+            assert!(
+                matches!(r.stop, Some(Stop::Violation { code, .. }) if code == want),
+                "len {len:#x}: {:?}",
+                r.stop
+            );
+        }
+        // From the backend too (no size limit there, but no wrap either).
+        let mut s = FrameScanner::new(From::Server, usize::MAX);
+        let mut buf = encode_frame(OP_BINARY, b"x", None);
+        buf[0] &= 0x7F;
+        let mut h = vec![OP_CONT, 127];
+        h.extend_from_slice(&u64::MAX.to_be_bytes());
+        buf.extend(h);
+        let (r, _) = scan_all(&mut s, &buf);
+        assert!(matches!(r.stop, Some(Stop::Violation { code: 1002, .. })));
+    }
+
+    #[test]
+    fn a_frame_carried_across_reads_counts_once_towards_the_message_size() {
+        // Found by fuzzing: a small backend text frame split across many reads was added to
+        // the running message size at every attempt, until a limit it is far below fired.
+        let frame = encode_frame(OP_TEXT, &[b'x'; 900], None);
+        let mut s = FrameScanner::new(From::Server, 2048);
+        let mut carry = Vec::new();
+        for chunk in frame.chunks(8) {
+            let mut buf = std::mem::take(&mut carry);
+            buf.extend_from_slice(chunk);
+            let (r, _) = scan_all(&mut s, &buf);
+            assert_eq!(r.stop, None);
+            if r.carry {
+                carry = buf[r.forward..].to_vec();
+            }
+        }
+        assert!(carry.is_empty() && s.at_boundary());
+        assert_eq!(s.messages, 1);
+    }
+
+    #[test]
+    fn close_codes_a_peer_must_not_send_are_protocol_errors() {
+        for bad in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535,
+        ] {
+            let mut s = FrameScanner::new(From::Client, 1 << 20);
+            let (r, _) = scan_all(&mut s, &close_frame(bad, "x", Some([3, 1, 4, 1])));
+            assert!(
+                matches!(r.stop, Some(Stop::Violation { code: 1002, .. })),
+                "{bad}: {:?}",
+                r.stop
+            );
+        }
+        for good in [
+            1000u16, 1001, 1002, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999,
+        ] {
+            let mut s = FrameScanner::new(From::Server, 1 << 20);
+            let (r, _) = scan_all(&mut s, &close_frame(good, "ok", None));
+            assert!(
+                matches!(r.stop, Some(Stop::Close { code: Some(c), .. }) if c == good),
+                "{good}: {:?}",
+                r.stop
+            );
+        }
+    }
+
     /// Feed `stream` to a scanner in reads of random sizes, carrying what it hands back the
     /// way the relay does. Returns (forwarded bytes, whole texts seen, final scan's stop).
     fn relay_in_pieces(
@@ -780,6 +908,26 @@ mod tests {
         let (code, reason) = parse_close(&f[2..]).unwrap();
         assert_eq!(code, Some(1012));
         assert!(reason.len() <= 123);
+    }
+
+    #[test]
+    fn client_keys_are_16_bytes_of_base64() {
+        assert!(valid_client_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        for _ in 0..100 {
+            assert!(valid_client_key(new_key().as_bytes()));
+        }
+        for bad in [
+            &b""[..],
+            b"dGhlIHNhbXBsZSBub25jZQ=",
+            b"dGhlIHNhbXBsZSBub25jZR==",
+            b"dGhlIHNhbXBsZSBub25j*Q==",
+            b"dGhlIHNhbXBsZSBub25jZQ==x",
+            b"dGhlIHNhbXBsZSBub25jZQ==\x00",
+            b"xxxxxxxxxxxxxxxxxxxxxxxx",
+            b"dGhlIHNhbXBsZSBub25jZSE=",
+        ] {
+            assert!(!valid_client_key(bad), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

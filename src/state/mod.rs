@@ -13,6 +13,7 @@
 //! [`State::subscribe`]. Nothing in here calls out to code that could call back in.
 
 pub mod backends;
+pub mod conns;
 pub mod drain;
 pub mod gate;
 pub mod history;
@@ -28,6 +29,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 
 pub use backends::{BackendGuard, BackendSet, BackendView};
+pub use conns::{ConnPermit, Connections, Refusal};
 pub use drain::Drain;
 pub use gate::{Cause, Health, HealthSource, Lane, ProbeKind};
 pub use history::History;
@@ -165,6 +167,8 @@ pub struct State {
     pub sessions: Arc<SessionSet>,
     /// Reverse WebSocket backends connected now, by self id and role.
     pub backends: Arc<BackendSet>,
+    /// Client connections held, against `--max-connections` (per address too).
+    pub conns: Arc<Connections>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     /// The configured lanes' recent transitions, in order.
@@ -201,6 +205,7 @@ impl State {
             backend: ArcSwap::from_pointee(BackendInfo::default()),
             sessions: Arc::new(SessionSet::new(metrics.clone())),
             backends: Arc::new(BackendSet::new(metrics.clone())),
+            conns: Arc::new(Connections::new(metrics.clone())),
             metrics,
             drain: Drain::default(),
             history: History::default(),

@@ -53,6 +53,8 @@ pub enum End {
     /// Reverse WebSocket: the bot fell behind (this many bytes queued for it) while other
     /// bots share the backend connection.
     Overflow(usize),
+    /// Frames waited for the client and it took none of them for this long.
+    ClientStalled(Duration),
 }
 
 /// What the client is owed when its session ends.
@@ -152,6 +154,17 @@ impl End {
                     format!(
                         "bot fell behind: {} KiB queued for it; lifeguard redials it",
                         queued / 1024
+                    ),
+                )
+            },
+            End::ClientStalled(d) => Verdict {
+                announce: false,
+                ..lifeguard(
+                    "client-stalled",
+                    ws::code::POLICY,
+                    format!(
+                        "client took nothing for {} ms while frames waited for it",
+                        d.as_millis()
                     ),
                 )
             },

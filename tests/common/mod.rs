@@ -404,6 +404,11 @@ impl Bin {
     /// Start `lifeguard <args> --log-format json --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0`
     /// and wait for its "lifeguard started" line.
     pub fn spawn(args: &[&str]) -> Bin {
+        Self::spawn_with(args, |_| {})
+    }
+
+    /// [`Bin::spawn`], with a last say on the command (limits, environment).
+    pub fn spawn_with(args: &[&str], tweak: impl FnOnce(&mut std::process::Command)) -> Bin {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lifeguard"));
@@ -425,6 +430,7 @@ impl Bin {
                 cmd.env_remove(k);
             }
         }
+        tweak(&mut cmd);
         let mut child = cmd.spawn().expect("lifeguard binary starts");
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -522,6 +528,10 @@ impl Bin {
             assert!(Instant::now() < deadline, "/ready never answered {want}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn signal(&self, sig: i32) {

@@ -6,7 +6,7 @@
 //! | `GET /`             | the status page (one self-contained HTML document)         | yes   |
 //! | `GET /live`         | 200 while the process runs                                 | no    |
 //! | `GET /ready`        | 200 when the backend is up, 503 otherwise (JSON state)     | no    |
-//! | `GET /state`        | 200, JSON: state, cause, reason, since, open sessions      | yes   |
+//! | `GET /state`        | 200, JSON: state, cause, reason, since, sessions, connections | yes |
 //! | `GET /transitions`  | 200, JSON: the last `?limit=N` (50) transitions            | yes   |
 //! | `GET /metrics`      | Prometheus text format                                     | no    |
 //! | `POST /disable`     | backend disabled by the operator: sessions closed with 1012 | yes   |
@@ -25,6 +25,7 @@
 //! disable the backend.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -36,6 +37,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::state::conns::ADMIN_MAX_CONNECTIONS;
 use crate::state::{history, Health, Lane, State};
 
 type Resp = Response<Full<Bytes>>;
@@ -47,8 +49,16 @@ const LOGIN: &str = include_str!("login.html");
 /// Transitions `/transitions` gives without `?limit=`.
 const DEFAULT_TRANSITIONS: usize = 50;
 
+/// How long an admin connection may take to send its request.
+const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serve the admin listener until shutdown.
+///
+/// It has its own budget ([`ADMIN_MAX_CONNECTIONS`], inside the descriptors the client
+/// cap leaves free), one request per connection and a short request deadline, so `/live`
+/// keeps answering while the client port is flooded.
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, _) = tokio::select! {
             _ = state.drain.hard_stopped() => return,
@@ -61,7 +71,12 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
                 }
             },
         };
+        if open.fetch_add(1, Ordering::Relaxed) >= ADMIN_MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
         let s = state.clone();
+        let open = open.clone();
         state.drain.spawn_background(async move {
             let svc_state = s.clone();
             let svc = hyper::service::service_fn(move |req| {
@@ -70,13 +85,16 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(ADMIN_REQUEST_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(ADMIN_REQUEST_TIMEOUT * 2) => {}
                 _ = s.drain.hard_stopped() => {}
             }
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -145,6 +163,13 @@ pub fn state_json(state: &State) -> serde_json::Value {
         })),
     });
     v["lanes"] = serde_json::Value::Object(lanes);
+    let limits = state.conns.limits(&snap.settings);
+    v["connections"] = serde_json::json!({
+        "open": state.conns.open(),
+        "max": limits.max,
+        "max_per_ip": limits.per_ip,
+        "fd_limit": state.conns.fd_limit(),
+    });
     v
 }
 

@@ -68,6 +68,10 @@ pub struct Session {
     started: Instant,
     /// When something last went to the client; tracked only with `--client-heartbeat`.
     last_to_client: Option<Instant>,
+    /// While frames wait for the client: when it counts as stalled (unless it takes some).
+    stall_deadline: Option<Instant>,
+    /// `down.progress` when `stall_deadline` was set.
+    stall_progress: u64,
 }
 
 impl Session {
@@ -79,6 +83,16 @@ impl Session {
         upstream: TcpStream,
     ) -> Session {
         let max = state.settings().max_message_size;
+        // Bounded before the first heartbeat too: an event session whose backend connection
+        // stalls from the start gets the deadline the backend's announced interval gives
+        // (learned from any session); a backend that never announced one gets none.
+        let first_heartbeat = info
+            .role
+            .gets_events()
+            .then(|| state.backend().heartbeat_interval_ms)
+            .flatten()
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms).mul_f64(state.settings().heartbeat_grace));
         Session {
             state,
             info,
@@ -92,13 +106,15 @@ impl Session {
                 connect_seen: false,
                 self_id: None,
                 replies: 0,
-                heartbeat_deadline: None,
-                heartbeat_window: Duration::ZERO,
+                heartbeat_deadline: first_heartbeat.map(|w| Instant::now() + w),
+                heartbeat_window: first_heartbeat.unwrap_or_default(),
                 kick_seen: false,
                 await_kick: false,
             },
             started: Instant::now(),
             last_to_client: None,
+            stall_deadline: None,
+            stall_progress: 0,
         }
     }
 
@@ -187,6 +203,7 @@ impl Session {
             if let Some(end) = self.feed(Dir::Down, &upstream_leftover, grace) {
                 return Some(end);
             }
+            self.note_client_backlog(seen.settings.client_stall_timeout);
         }
         if !client_leftover.is_empty() {
             if let Some(end) = self.feed(Dir::Up, &client_leftover, grace) {
@@ -207,6 +224,7 @@ impl Session {
             armed: None,
             keepalive_every,
             grace,
+            stall_after: seen.settings.client_stall_timeout,
             seen,
         };
         let mut watchdog = std::pin::pin!(tokio::time::sleep(FAR));
@@ -257,6 +275,7 @@ impl Session {
                 }
                 // Follows reloads: the next heartbeat re-arms the watchdog with the new factor.
                 ctl.grace = snap.settings.heartbeat_grace;
+                ctl.stall_after = snap.settings.client_stall_timeout;
             }
             ctl.seen = snap;
         }
@@ -275,16 +294,31 @@ impl Session {
                     }
                 }
             }
+            self.note_client_backlog(ctl.stall_after);
             // Timers after the sockets: a heartbeat just relayed re-arms the watchdog
-            // before it is asked whether it expired.
-            if self.learned.heartbeat_deadline != ctl.armed {
-                ctl.armed = self.learned.heartbeat_deadline;
+            // before it is asked whether it expired. One timer for both deadlines: the
+            // backend's heartbeat and a client that takes nothing.
+            let due = match (self.learned.heartbeat_deadline, self.stall_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if due != ctl.armed {
+                ctl.armed = due;
                 if let Some(at) = ctl.armed {
                     watchdog.as_mut().reset(at.into());
                 }
             }
             if ctl.armed.is_some() && watchdog.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Some(End::HeartbeatTimeout(self.learned.heartbeat_window)));
+                let now = Instant::now();
+                if self.stall_deadline.is_some_and(|at| at <= now) {
+                    return Poll::Ready(Some(End::ClientStalled(ctl.stall_after)));
+                }
+                if self.learned.heartbeat_deadline.is_some_and(|at| at <= now) {
+                    return Poll::Ready(Some(End::HeartbeatTimeout(self.learned.heartbeat_window)));
+                }
+                // Woken a hair early: arm again for what is still due.
+                ctl.armed = None;
+                continue;
             }
             if let Some(every) = ctl.keepalive_every {
                 if keepalive.as_mut().poll(cx).is_ready() {
@@ -322,6 +356,21 @@ impl Session {
                 Dir::Up => End::ClientGone(e.to_string()),
             })),
             Poll::Ready(Ok(())) => Poll::Ready(self.pump(dir, grace)),
+        }
+    }
+
+    /// Frames wait for the client: start (or, when it took some, restart) the stall clock;
+    /// nothing waits: stop it. Only the first branch costs anything, and only while the
+    /// client is behind.
+    #[inline]
+    fn note_client_backlog(&mut self, stall_after: Duration) {
+        if self.down.has_pending() {
+            if self.stall_deadline.is_none() || self.down.progress != self.stall_progress {
+                self.stall_deadline = Some(Instant::now() + stall_after);
+                self.stall_progress = self.down.progress;
+            }
+        } else if self.stall_deadline.is_some() {
+            self.stall_deadline = None;
         }
     }
 
@@ -480,6 +529,13 @@ impl Session {
             End::ClientGone(_) => Outcome::default(),
             _ => self.terminate(&verdict, close_timeout, ticket).await,
         };
+        if let End::BackendViolation(why) = &end {
+            // RFC 6455 7.1.7: fail the connection, saying why, if a frame can still go.
+            if self.up.scanner.at_boundary() && !self.up.has_pending() {
+                let bye = ws::close_frame(ws::code::PROTOCOL_ERROR, why, ws::random_mask());
+                let _ = self.upstream.try_write(&bye);
+            }
+        }
         if !verdict.by_client || matches!(end, End::ClientGone(_)) {
             // Say goodbye to the backend too, if its connection still works and a frame can
             // go in now.
@@ -530,7 +586,11 @@ impl Session {
         if !self.down.scanner.at_boundary() || !self.down.carry.is_empty() {
             // Nothing can be injected into the middle of a frame: hang up.
             return Outcome {
-                note: "backend died inside a frame: closed without a Close frame",
+                note: if verdict.backend_usable {
+                    "inside a frame that did not finish in time: closed without a Close frame"
+                } else {
+                    "backend died inside a frame: closed without a Close frame"
+                },
                 ..Outcome::default()
             };
         }
@@ -683,6 +743,8 @@ struct Controls {
     keepalive_every: Option<Duration>,
     /// The heartbeat grace factor in force.
     grace: f64,
+    /// `--client-stall-timeout` in force.
+    stall_after: Duration,
     /// The snapshot last acted on.
     seen: Arc<Snapshot>,
 }

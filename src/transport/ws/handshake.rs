@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 
 use crate::proto::ws;
 
@@ -109,12 +109,16 @@ pub fn upgrade_key<B>(req: &Request<B>) -> Result<Vec<u8>, Box<Resp>> {
         );
         return Err(Box::new(r));
     }
-    match req.headers().get(header::SEC_WEBSOCKET_KEY) {
-        Some(k) if k.len() == 24 => Ok(k.as_bytes().to_vec()),
-        _ => Err(Box::new(plain(
-            StatusCode::BAD_REQUEST,
-            "missing or malformed Sec-WebSocket-Key",
-        ))),
+    let bad = |why: &str| Err(Box::new(plain(StatusCode::BAD_REQUEST, why)));
+    // RFC 6455 4.1: an HTTP/1.1 (or later) GET; hyper answers HTTP/1.0 upgrades too.
+    if req.version() < Version::HTTP_11 {
+        return bad("WebSocket handshakes need HTTP/1.1");
+    }
+    let mut keys = req.headers().get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(k), None) if ws::valid_client_key(k.as_bytes()) => Ok(k.as_bytes().to_vec()),
+        (Some(_), Some(_)) => bad("more than one Sec-WebSocket-Key"),
+        _ => bad("missing or malformed Sec-WebSocket-Key (16 bytes, base64)"),
     }
 }
 

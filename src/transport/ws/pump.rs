@@ -51,6 +51,9 @@ pub struct Direction {
     pending_off: usize,
     /// Unscanned tail of the last read (a split header or small frame).
     pub carry: Vec<u8>,
+    /// Counts writes that took some of `pending`: a destination that is behind but still
+    /// taking data is slow, not stalled.
+    pub progress: u64,
 }
 
 /// Outcome of pumping one direction.
@@ -77,6 +80,7 @@ impl Direction {
             pending: Vec::new(),
             pending_off: 0,
             carry: Vec::new(),
+            progress: 0,
         }
     }
 
@@ -88,7 +92,10 @@ impl Direction {
     pub fn flush_pending(&mut self, dst: &TcpStream) -> io::Result<bool> {
         while self.has_pending() {
             match dst.try_write(&self.pending[self.pending_off..]) {
-                Ok(n) => self.pending_off += n,
+                Ok(n) => {
+                    self.pending_off += n;
+                    self.progress += 1;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }

@@ -1,0 +1,210 @@
+//! `napsim`: the NapCat simulator (`lifeguard::sim`) as a process of its own, for tests
+//! that need a backend they can SIGKILL, SIGSTOP and restart (the fault matrix, the soak)
+//! and for trying lifeguard by hand.
+//!
+//! ```text
+//! napsim [--listen 127.0.0.1:0] [--control 127.0.0.1:0] [--heartbeat-ms N] [--flaky-api-every N]
+//! ```
+//!
+//! It prints one line on stdout, `napsim upstream=ws://HOST:PORT control=HOST:PORT pid=N`,
+//! and then takes one command per line on the control address, answering one line each:
+//!
+//! | command | answer |
+//! |---|---|
+//! | `ping`, `pid`, `open`, `handshakes [PATH]` | `ok`, the pid, open WebSocket connections, handshakes so far |
+//! | `emit_seq FIRST COUNT` | emits message events `FIRST..FIRST+COUNT` to every event client; recipients of the last |
+//! | `blast N` | N numbered events, written to every socket before answering; clients that got all |
+//! | `heartbeat` | a heartbeat now; recipients |
+//! | `disable_3110`, `disable_v4`, `enable`, `kill`, `hang`, `unhang`, `offline`, `online` | `ok` (see `NapSim`) |
+//! | `quit` | exits |
+//!
+//! `--flaky-api-every N` puts a front on the listen address that drops every Nth connection
+//! to exactly `/api` (lifeguard's probes; `/api/` passes) before its handshake: a backend
+//! that fails one probe in N.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeguard::sim::{NapSim, SimConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Args {
+    listen: SocketAddr,
+    control: SocketAddr,
+    heartbeat: Option<Duration>,
+    flaky_api_every: Option<u64>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        control: SocketAddr::from(([127, 0, 0, 1], 0)),
+        heartbeat: None,
+        flaky_api_every: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => a.listen = value()?.parse().map_err(|e| format!("--listen: {e}"))?,
+            "--control" => a.control = value()?.parse().map_err(|e| format!("--control: {e}"))?,
+            "--heartbeat-ms" => {
+                let ms: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--heartbeat-ms: {e}"))?;
+                a.heartbeat = (ms > 0).then(|| Duration::from_millis(ms));
+            }
+            "--flaky-api-every" => {
+                let n: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--flaky-api-every: {e}"))?;
+                a.flaky_api_every = (n > 0).then_some(n);
+            }
+            "-h" | "--help" => {
+                println!("napsim [--listen ADDR] [--control ADDR] [--heartbeat-ms N] [--flaky-api-every N]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(a)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("napsim: {e}");
+            std::process::exit(64);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("napsim: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> std::io::Result<()> {
+    let cfg = SimConfig::default().with_heartbeat_interval(args.heartbeat);
+    let (sim, upstream) = match args.flaky_api_every {
+        None => {
+            let sim = NapSim::start_on(args.listen, cfg).await?;
+            let url = sim.url();
+            (sim, url)
+        }
+        Some(every) => {
+            let sim = NapSim::start(cfg).await?;
+            let front = TcpListener::bind(args.listen).await?;
+            let url = format!("ws://{}", front.local_addr()?);
+            tokio::spawn(flaky_front(front, sim.addr(), every));
+            (sim, url)
+        }
+    };
+    let ctl = TcpListener::bind(args.control).await?;
+    println!(
+        "napsim upstream={upstream} control={} pid={}",
+        ctl.local_addr()?,
+        std::process::id()
+    );
+    loop {
+        let (sock, _) = ctl.accept().await?;
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = command(&sim, &line).await;
+                if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn command(sim: &NapSim, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let num = |i: usize| -> Result<u64, String> {
+        words
+            .get(i)
+            .ok_or_else(|| format!("err {line:?} needs a number"))?
+            .parse()
+            .map_err(|e| format!("err {e}"))
+    };
+    let ok = |()| "ok".to_string();
+    let done = |f: &dyn Fn()| -> Result<String, String> {
+        f();
+        Ok("ok".into())
+    };
+    let r: Result<String, String> = match words.first().copied().unwrap_or("") {
+        "ping" => Ok("ok".into()),
+        "pid" => Ok(std::process::id().to_string()),
+        "open" => Ok(sim.open_connections().to_string()),
+        "handshakes" => Ok(match words.get(1) {
+            Some(path) => sim.handshakes_on(path),
+            None => sim.handshakes(),
+        }
+        .to_string()),
+        "emit_seq" => (|| {
+            let (first, count) = (num(1)?, num(2)?);
+            let mut got = 0;
+            for seq in first..first + count {
+                got = sim.emit_message(seq);
+            }
+            Ok(got.to_string())
+        })(),
+        "blast" => match num(1) {
+            Ok(n) => Ok(sim.blast(n).await.to_string()),
+            Err(e) => Err(e),
+        },
+        "heartbeat" => Ok(sim.heartbeat_now().to_string()),
+        "disable_3110" => done(&|| sim.disable_3110()),
+        "disable_v4" => done(&|| sim.disable_v4()),
+        "enable" => sim.enable().await.map(ok).map_err(|e| format!("err {e}")),
+        "kill" => done(&|| sim.kill()),
+        "hang" => done(&|| sim.hang()),
+        "unhang" => done(&|| sim.unhang()),
+        "offline" => done(&|| sim.set_online(false)),
+        "online" => done(&|| sim.set_online(true)),
+        "quit" => std::process::exit(0),
+        _ => Err(format!("err unknown command {line:?}")),
+    };
+    r.unwrap_or_else(|e| e)
+}
+
+/// Relay every connection to the simulator, except every `every`th `/api` one, which is
+/// closed before its handshake.
+async fn flaky_front(front: TcpListener, sim: SocketAddr, every: u64) {
+    let api = Arc::new(AtomicU64::new(0));
+    while let Ok((mut client, _)) = front.accept().await {
+        let api = api.clone();
+        tokio::spawn(async move {
+            // `GET /api ` or `GET /api?`: lifeguard's probes (sessions on `/api/` pass).
+            let mut head = vec![0u8; 9];
+            if client.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let probe = head.starts_with(b"GET /api") && matches!(head[8], b' ' | b'?');
+            if probe && (api.fetch_add(1, Ordering::Relaxed) + 1) % every == 0 {
+                return;
+            }
+            let Ok(mut upstream) = TcpStream::connect(sim).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            if upstream.write_all(&head).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        });
+    }
+}
