@@ -229,14 +229,18 @@ start_target() { # name: sets URL, PIDS, ADMIN_ARG, REV_ARG, TARGET_PID
       REV_ARG=(--reverse-dial "ws://127.0.0.1:$BOTS_PORT/onebot/v11/ws" --reverse-bots "127.0.0.1:$BOTS_PORT") ;;
     lifeguard|lifeguard-b)
       bin=$LIFEGUARD; [ "$1" = lifeguard-b ] && bin=${BENCH_LIFEGUARD_B:?lifeguard-b needs BENCH_LIFEGUARD_B=/path/to/another/lifeguard}
+      # An older build (lifeguard-b) may predate reverse WebSocket: then no rev scenario.
+      LG_REV=()
+      if "$bin" --help 2>/dev/null | grep -q -- --reverse-listen; then
+        LG_REV=(--reverse-listen "127.0.0.1:$LG_REV_PORT" --reverse-url "ws://127.0.0.1:$BOTS_PORT")
+        REV_ARG=(--reverse-dial "ws://127.0.0.1:$LG_REV_PORT/onebot/v11/ws" --reverse-bots "127.0.0.1:$BOTS_PORT")
+      fi
       LIFEGUARD_MAX_CONNECTIONS_PER_IP=20000 "$bin" --listen "127.0.0.1:$LG_PORT" --upstream "ws://127.0.0.1:$SIM_PORT" \
-        --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" \
-        --reverse-listen "127.0.0.1:$LG_REV_PORT" --reverse-url "ws://127.0.0.1:$BOTS_PORT" >"$WORK/lifeguard.log" 2>&1 &
+        --admin-listen "127.0.0.1:$LG_ADMIN" --probe-interval "$PROBE" "${LG_REV[@]}" >"$WORK/lifeguard.log" 2>&1 &
       TARGET_PID=$!
       wait_port "$LG_PORT"
       URL="ws://127.0.0.1:$LG_PORT"; PIDS=$TARGET_PID
-      ADMIN_ARG=(--admin "127.0.0.1:$LG_ADMIN")
-      REV_ARG=(--reverse-dial "ws://127.0.0.1:$LG_REV_PORT/onebot/v11/ws" --reverse-bots "127.0.0.1:$BOTS_PORT") ;;
+      ADMIN_ARG=(--admin "127.0.0.1:$LG_ADMIN") ;;
     nginx|nginx-4k)
       nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf" -g 'daemon off;' &
       TARGET_PID=$!
