@@ -23,22 +23,31 @@ use crate::state::{Cause, Lane, ProbeKind, State};
 /// Passive failures ask for a probe at once, but never more often than this.
 const MIN_PROBE_GAP: Duration = Duration::from_millis(50);
 
+/// Wait for the next probe of `kind`: its interval since the `last` one, or a kick from a
+/// passive failure (but never sooner than [`MIN_PROBE_GAP`] after the last). `false` at the
+/// hard stop.
+async fn next_turn(state: &State, kind: ProbeKind, last: Instant) -> bool {
+    let wait = state
+        .settings()
+        .probe_interval
+        .saturating_sub(last.elapsed());
+    tokio::select! {
+        _ = state.drain.hard_stopped() => return false,
+        _ = tokio::time::sleep(wait) => {}
+        _ = state.probe_kicked(kind) => {
+            tokio::select! {
+                _ = state.drain.hard_stopped() => return false,
+                _ = tokio::time::sleep(MIN_PROBE_GAP.saturating_sub(last.elapsed())) => {}
+            }
+        }
+    }
+    true
+}
+
 /// Probe until the hard stop.
 pub async fn run_prober(state: Arc<State>) {
     let mut last = Instant::now() - Duration::from_secs(3600);
-    loop {
-        let interval = state.settings().probe_interval;
-        let wait = interval.saturating_sub(last.elapsed());
-        tokio::select! {
-            _ = state.drain.hard_stopped() => return,
-            _ = tokio::time::sleep(wait) => {}
-            _ = state.probe_kicked(ProbeKind::Ws) => {
-                tokio::select! {
-                    _ = state.drain.hard_stopped() => return,
-                    _ = tokio::time::sleep(MIN_PROBE_GAP.saturating_sub(last.elapsed())) => {}
-                }
-            }
-        }
+    while next_turn(&state, ProbeKind::Ws, last).await {
         last = Instant::now();
         let (epoch, s) = state.probe_target(ProbeKind::Ws);
         if s.upstream.is_none() {
@@ -73,19 +82,7 @@ pub async fn run_prober(state: Arc<State>) {
 /// Probe the backend's HTTP API server until the hard stop; idle while none is configured.
 pub async fn run_http_prober(state: Arc<State>) {
     let mut last = Instant::now() - Duration::from_secs(3600);
-    loop {
-        let interval = state.settings().probe_interval;
-        let wait = interval.saturating_sub(last.elapsed());
-        tokio::select! {
-            _ = state.drain.hard_stopped() => return,
-            _ = tokio::time::sleep(wait) => {}
-            _ = state.probe_kicked(ProbeKind::Http) => {
-                tokio::select! {
-                    _ = state.drain.hard_stopped() => return,
-                    _ = tokio::time::sleep(MIN_PROBE_GAP.saturating_sub(last.elapsed())) => {}
-                }
-            }
-        }
+    while next_turn(&state, ProbeKind::Http, last).await {
         last = Instant::now();
         let (epoch, s) = state.probe_target(ProbeKind::Http);
         if s.upstream_http.is_none() {

@@ -101,15 +101,22 @@ pub fn encode_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8
     out
 }
 
-/// A Close frame with a code and a reason (cut to fit 123 bytes on a char boundary).
-pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+/// The longest prefix of `reason` that fits a Close frame (a control frame carries at most
+/// 125 bytes, two of them the code), cut on a char boundary so that it stays valid UTF-8.
+pub fn close_reason(reason: &str) -> &str {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    let mut payload = Vec::with_capacity(2 + end);
+    &reason[..end]
+}
+
+/// A Close frame with a code and a reason (see [`close_reason`]).
+pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let reason = close_reason(reason);
+    let mut payload = Vec::with_capacity(2 + reason.len());
     payload.extend_from_slice(&code.to_be_bytes());
-    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    payload.extend_from_slice(reason.as_bytes());
     encode_frame(OP_CLOSE, &payload, mask)
 }
 

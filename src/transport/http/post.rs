@@ -51,6 +51,7 @@ use crate::config::{HttpUrl, Settings};
 use crate::metrics::PostBotMetrics;
 use crate::proto::onebot::{self, Role};
 use crate::state::{Cause, Health, Lane, State};
+use crate::transport::accept::Acceptor;
 
 /// First retry delay after a failed delivery; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -261,20 +262,8 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
     state.drain.spawn_background(watch_beats(relay.clone()));
     let detail = relay.clone();
     state.set_lane_detail(Lane::HttpPost, Arc::new(move || detail.detail()));
-    loop {
-        let accepted = tokio::select! {
-            _ = state.drain.accepting_stopped() => return,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed on the POST listener");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    let mut backends = Acceptor::backends(listener, "post");
+    while let Some((stream, peer)) = backends.next(&state).await {
         let relay = relay.clone();
         state.drain.spawn_session(async move {
             let stop = relay.state.clone();

@@ -18,6 +18,7 @@ use crate::proto::auth;
 use crate::proto::dial::{self, ConnectError};
 use crate::proto::onebot::Role;
 use crate::state::{ConnPermit, Lane, Refusal, State};
+use crate::transport::accept::Acceptor;
 use crate::transport::http::api::ApiProxy;
 use crate::transport::policy::SessionInfo;
 
@@ -30,29 +31,8 @@ const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 /// Accept clients until the drain stops accepting. Requests that are not WebSocket
 /// upgrades go to the HTTP API proxy when `--upstream-http` is set.
 pub async fn serve(state: Arc<State>, listener: TcpListener, api: Arc<ApiProxy>) {
-    let mut exhausted_logged: Option<tokio::time::Instant> = None;
-    loop {
-        let accepted = tokio::select! {
-            _ = state.drain.accepting_stopped() => return,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, never spin or die. The
-                // connection cap keeps this from happening unless the limit is shared.
-                if dial::is_local_exhaustion(&e) {
-                    state.metrics.connection_refused("fd-exhausted");
-                }
-                let now = tokio::time::Instant::now();
-                if exhausted_logged.map_or(true, |t| now - t > Duration::from_secs(10)) {
-                    tracing::warn!(error = %e, "accept failed");
-                    exhausted_logged = Some(now);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let mut clients = Acceptor::clients(listener, "clients");
+    while let Some((stream, peer)) = clients.next(&state).await {
         let snap = state.snapshot();
         let permit = match state.conns.admit(peer.ip(), &snap.settings) {
             Ok(p) => Arc::new(p),
@@ -61,7 +41,6 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, api: Arc<ApiProxy>)
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let conn_state = state.clone();
         let api = api.clone();
         let budget = snap.settings.handshake_timeout;

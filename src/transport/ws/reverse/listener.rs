@@ -20,11 +20,12 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use super::bots::{self, BotWs, Hello};
-use super::session::{DialFuture, Session, Setup};
+use super::session::{close_msg, DialFuture, Session, Setup};
 use crate::proto::auth;
 use crate::proto::dial::ConnectError;
 use crate::proto::onebot::Role;
 use crate::state::{Lane, State};
+use crate::transport::accept::Acceptor;
 use crate::transport::ws::handshake::{self, json, unavailable, Resp};
 
 /// How long a backend may take to send its handshake request.
@@ -39,20 +40,8 @@ const LATE_BOT_GRACE: Duration = Duration::from_millis(200);
 
 /// Accept backends until the drain stops accepting.
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            _ = state.drain.accepting_stopped() => return,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "reverse accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    let mut backends = Acceptor::backends(listener, "reverse");
+    while let Some((stream, peer)) = backends.next(&state).await {
         let conn_state = state.clone();
         state.drain.spawn_session(async move {
             let svc_state = conn_state.clone();
@@ -331,16 +320,11 @@ async fn handshake(state: &Arc<State>, peer: SocketAddr, req: &mut Request<Incom
 /// Bots dialled for a handshake that did not complete: a Close, and nothing else (they
 /// never saw the backend's `connect`).
 async fn close_unused(bots: Vec<(usize, BotWs)>, reason: String) {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use futures_util::SinkExt;
     let closes = bots.into_iter().map(|(_, mut ws)| {
-        let reason = reason.clone();
+        let close = close_msg(crate::proto::ws::code::TRY_AGAIN_LATER, &reason);
         async move {
-            let frame = CloseFrame {
-                code: CloseCode::from(crate::proto::ws::code::TRY_AGAIN_LATER),
-                reason: reason.chars().take(120).collect::<String>().into(),
-            };
-            let _ = tokio::time::timeout(Duration::from_millis(500), ws.close(Some(frame))).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), ws.send(close)).await;
         }
     });
     futures_util::future::join_all(closes).await;

@@ -208,14 +208,10 @@ fn msg_len(m: &Message) -> usize {
     m.len()
 }
 
-fn close_msg(code: u16, reason: &str) -> Message {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
+pub(super) fn close_msg(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
         code: CloseCode::from(code),
-        reason: reason[..end].to_string().into(),
+        reason: ws::close_reason(reason).to_string().into(),
     }))
 }
 
@@ -822,16 +818,15 @@ impl Session {
                 if !self.online {
                     // The account went offline again meanwhile: this bot must not be told
                     // anything. Closed politely, without a session.
-                    tokio::spawn(async move {
+                    let close = close_msg(
+                        ws::code::TRY_AGAIN_LATER,
+                        "the backend's account went offline",
+                    );
+                    self.state.drain.spawn_session(async move {
+                        use futures_util::SinkExt;
                         let mut ws = ws;
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(500),
-                            ws.close(Some(CloseFrame {
-                                code: CloseCode::from(ws::code::TRY_AGAIN_LATER),
-                                reason: "the backend's account went offline".into(),
-                            })),
-                        )
-                        .await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(500), ws.send(close)).await;
                     });
                 } else {
                     self.add_leg(slot, ws);
