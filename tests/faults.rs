@@ -572,6 +572,17 @@ fn fds_of(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Descriptors held for good: the fewest seen over 300 ms, since a probe or an admin call
+/// in flight holds one more for a moment.
+async fn settled_fds(pid: u32) -> usize {
+    let mut fewest = fds_of(pid);
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fewest = fewest.min(fds_of(pid));
+    }
+    fewest
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -967,7 +978,7 @@ async fn soak() {
         let mut lg = spawn_lifeguard(&args, None);
         lg.wait_ready(true).await;
         let pid = lg.pid();
-        let base_fds = fds_of(pid);
+        let base_fds = settled_fds(pid).await;
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(SoakCount::default());
         let url = format!("ws://{}", lg.addr);
@@ -1025,7 +1036,7 @@ async fn soak() {
         let v: serde_json::Value = serde_json::from_str(&state).unwrap();
         let open_sessions = v["sessions"]["total"].as_u64().unwrap_or(0);
         let open_conns = v["connections"]["open"].as_u64().unwrap_or(0);
-        let fds_open = fds_of(pid);
+        let fds_open = settled_fds(pid).await;
         let backend_open: usize = sim.cmd("open").await.parse().unwrap();
         let end_rss = rss_kib(pid);
         stop.store(true, Ordering::Relaxed);
@@ -1075,7 +1086,10 @@ async fn soak() {
         );
         assert_eq!(idle["sessions"]["total"], 0);
         assert_eq!(idle["connections"]["open"], 0);
-        assert!(fds_of(pid) <= base_fds, "descriptors back to baseline");
+        assert!(
+            settled_fds(pid).await <= base_fds,
+            "descriptors back to baseline"
+        );
         assert!(
             end_rss < warm_rss + 64 * 1024,
             "memory grew {warm_rss} -> {end_rss} KiB"
