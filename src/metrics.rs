@@ -282,6 +282,10 @@ impl Metrics {
         for result in ["ok", "failed"] {
             let _ = reloads.get_or_create(&l("result", result));
         }
+        // At 0 from the start: `increase()` cannot see a series' first increment.
+        for cause in ["capacity", "per-ip-limit", "fd-exhausted"] {
+            let _ = connections_refused.get_or_create(&l("cause", cause));
+        }
         Metrics {
             registry: Mutex::new(r),
             upstream_up,

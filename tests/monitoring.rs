@@ -12,8 +12,11 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::http::{call, http_args, http_sim, start_proxy, BotSim, Mode};
 use common::*;
-use lifeguard::sim::SimConfig;
+use futures_util::StreamExt;
+use lifeguard::sim::{HttpServerConfig, PostConfig, ReverseConfig, SimConfig};
+use tokio::net::TcpListener;
 
 fn monitoring() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/monitoring")
@@ -85,7 +88,8 @@ async fn every_metric_in_the_rules_and_the_dashboard_is_exported() {
     h.wait_ready(true).await;
     let (status, text) = h.admin("GET", "/metrics").await;
     assert_eq!(status, 200);
-    let live = exported(&text);
+    let mut live = exported(&text);
+    live.extend(exported(&every_transport_metrics().await));
     for (file, text) in [(RULES, read(RULES)), (DASHBOARD, read(DASHBOARD))] {
         let named = metric_names(&text);
         assert!(named.len() >= 5, "{file} names {named:?}");
@@ -129,6 +133,57 @@ async fn every_metric_in_the_rules_and_the_dashboard_is_exported() {
         );
     }
     h.stop().await;
+}
+
+/// `/metrics` of a lifeguard with the HTTP API, the POST relay and reverse WebSocket
+/// configured and one exchange on each, so that their labelled series exist.
+async fn every_transport_metrics() -> String {
+    let sim = http_sim(SimConfig::default(), HttpServerConfig::default()).await;
+    let post_bot = BotSim::start(Mode::NoContent).await;
+    let ws_bot = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut args = http_args();
+    args.upstream_http = sim.http_url();
+    args.post_listen = Some("127.0.0.1:0".parse().unwrap());
+    args.post_url = Some(vec![post_bot.url()]);
+    args.reverse_listen = Some("127.0.0.1:0".parse().unwrap());
+    args.reverse_url = Some(vec![format!(
+        "ws://{}/onebot/v11/ws",
+        ws_bot.local_addr().unwrap()
+    )]);
+    let proxy = start_proxy(args).await;
+
+    let _reverse = sim.add_reverse(ReverseConfig::napcat(format!(
+        "ws://{}/",
+        proxy.reverse_addr.expect("reverse listener")
+    )));
+    let (tcp, _) = tokio::time::timeout(SOON, ws_bot.accept())
+        .await
+        .expect("lifeguard dials the reverse bot")
+        .unwrap();
+    let mut bot_ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    let first = tokio::time::timeout(SOON, bot_ws.next()).await;
+    assert!(
+        matches!(first, Ok(Some(Ok(_)))),
+        "the reverse bot gets the backend's connect: {first:?}"
+    );
+
+    let _post = sim.add_post(PostConfig::napcat(format!(
+        "http://{}/",
+        proxy.post_addr.expect("POST listener")
+    )));
+    sim.emit_message(1);
+    post_bot
+        .wait_for(SOON, "a relayed event", |r| r.lifecycle().is_none())
+        .await;
+
+    let answer = call(proxy.addr, "GET", "/get_status", &[], "").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    let (status, text) = http(proxy.admin_addr, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    proxy.shutdown().await;
+    sim.shutdown().await;
+    text
 }
 
 #[test]
