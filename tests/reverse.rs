@@ -569,6 +569,50 @@ async fn a_hung_napcat_is_caught_by_its_heartbeats() {
     rev.stop().await;
 }
 
+/// Found by the fault matrix (`matrix_backend_sigstop`, reverse row): a reverse connection
+/// that hangs before its first heartbeat was never ended, its bots kept forever. Like a
+/// forward session, it now gets the deadline its backend (same self id) announced on an
+/// earlier connection: NapCat's heartbeat timer is per entry, so a live one heartbeats
+/// within one interval of any reconnect.
+#[tokio::test]
+async fn a_napcat_hung_before_its_first_heartbeat_on_a_new_connection_is_caught() {
+    let bot = Bot::bind().await;
+    // Heartbeats only when the test says (`heartbeat_now`, announcing 100 ms).
+    let rev = Rev::start_with(
+        &[bot.url("/ws")],
+        SimConfig::default().with_heartbeat_interval(Some(Duration::from_millis(100))),
+        |_| {},
+    )
+    .await;
+    let (handle, mut a) = connected(&rev, &bot, rev.entry()).await;
+    assert_eq!(rev.sim.heartbeat_now(), 1);
+    assert!(text(&mut a.ws).await.contains("heartbeat"));
+    // NapCat reconnects (entry switched off and on); the new connection hangs at once.
+    handle.disable();
+    let end = read_to_end(&mut a.ws, WAIT).await;
+    assert_eq!(end.code(), Some(1013), "{end:?}");
+    handle.enable();
+    let mut b = bot.accept().await;
+    expect_connect(&mut b.ws).await;
+    let t0 = Instant::now();
+    rev.sim.hang();
+    let end = read_to_end(&mut b.ws, WAIT).await;
+    assert!(end.got_disable(), "{end:?}");
+    assert_eq!(end.code(), Some(1013), "{end:?}");
+    assert!(
+        end.close
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("no heartbeat for 250 ms"),
+        "{end:?}"
+    );
+    let took = end.at - t0;
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    rev.sim.unhang();
+    rev.stop().await;
+}
+
 #[tokio::test]
 async fn the_operator_disables_reverse_bots_get_1012_backend_dials_get_503_until_enabled() {
     let bot = Bot::bind().await;

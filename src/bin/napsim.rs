@@ -4,7 +4,13 @@
 //!
 //! ```text
 //! napsim [--listen 127.0.0.1:0] [--control 127.0.0.1:0] [--heartbeat-ms N] [--flaky-api-every N]
+//!        [--reverse-url ws://HOST:PORT/PATH ...] [--reverse-token T] [--reverse-reconnect-ms N]
 //! ```
+//!
+//! Each `--reverse-url` is a reverse WebSocket entry (NapCat's `websocketClients`, NapCat
+//! v4's headers, `Bearer <--reverse-token>` even when empty): it dials at once and redials
+//! `--reverse-reconnect-ms` (NapCat's default 5000) after every close or failed dial; its
+//! heartbeats follow `--heartbeat-ms` (NapCat's `heartInterval` is per entry).
 //!
 //! It prints one line on stdout, `napsim upstream=ws://HOST:PORT control=HOST:PORT pid=N`,
 //! and then takes one command per line on the control address, answering one line each:
@@ -15,7 +21,10 @@
 //! | `emit_seq FIRST COUNT` | emits message events `FIRST..FIRST+COUNT` to every event client; recipients of the last |
 //! | `blast N` | N numbered events, written to every socket before answering; clients that got all |
 //! | `heartbeat` | a heartbeat now; recipients |
-//! | `disable_3110`, `disable_v4`, `enable`, `kill`, `hang`, `unhang`, `offline`, `online` | `ok` (see `NapSim`) |
+//! | `disable_3110`, `disable_v4`, `enable` | `ok`: the forward server only, as in `NapSim` (NapCat switches each network entry on its own) |
+//! | `reverse_disable`, `reverse_enable` | `ok`: every reverse entry switched off (a Close with no code, no redial) or on (dials at once), as NapCat's hot reload of a `websocketClients` entry |
+//! | `reverse` | `connected=N dials=N handshakes=N failures=N`, summed over the reverse entries |
+//! | `kill`, `hang`, `unhang`, `offline`, `online` | `ok` (see `NapSim`; they apply to reverse entries too) |
 //! | `quit` | exits |
 //!
 //! `--flaky-api-every N` puts a front on the listen address that drops every Nth connection
@@ -27,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifeguard::sim::{NapSim, SimConfig};
+use lifeguard::sim::{NapSim, ReverseConfig, ReverseHandle, SimConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -36,6 +45,9 @@ struct Args {
     control: SocketAddr,
     heartbeat: Option<Duration>,
     flaky_api_every: Option<u64>,
+    reverse_urls: Vec<String>,
+    reverse_token: String,
+    reverse_reconnect: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -44,6 +56,9 @@ fn parse_args() -> Result<Args, String> {
         control: SocketAddr::from(([127, 0, 0, 1], 0)),
         heartbeat: None,
         flaky_api_every: None,
+        reverse_urls: Vec::new(),
+        reverse_token: String::new(),
+        reverse_reconnect: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,8 +78,16 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--flaky-api-every: {e}"))?;
                 a.flaky_api_every = (n > 0).then_some(n);
             }
+            "--reverse-url" => a.reverse_urls.push(value()?),
+            "--reverse-token" => a.reverse_token = value()?,
+            "--reverse-reconnect-ms" => {
+                let ms: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--reverse-reconnect-ms: {e}"))?;
+                a.reverse_reconnect = Some(Duration::from_millis(ms));
+            }
             "-h" | "--help" => {
-                println!("napsim [--listen ADDR] [--control ADDR] [--heartbeat-ms N] [--flaky-api-every N]");
+                println!("napsim [--listen ADDR] [--control ADDR] [--heartbeat-ms N] [--flaky-api-every N] [--reverse-url URL ...] [--reverse-token T] [--reverse-reconnect-ms N]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -108,6 +131,20 @@ async fn run(args: Args) -> std::io::Result<()> {
             (sim, url)
         }
     };
+    let reverse: Vec<ReverseHandle> = args
+        .reverse_urls
+        .iter()
+        .map(|url| {
+            let mut cfg = ReverseConfig::napcat(url.as_str())
+                .with_token(args.reverse_token.as_str())
+                .with_heartbeat_interval(args.heartbeat);
+            if let Some(every) = args.reverse_reconnect {
+                cfg = cfg.with_reconnect_interval(every);
+            }
+            sim.add_reverse(cfg)
+        })
+        .collect();
+    let reverse = Arc::new(reverse);
     let ctl = TcpListener::bind(args.control).await?;
     println!(
         "napsim upstream={upstream} control={} pid={}",
@@ -117,11 +154,12 @@ async fn run(args: Args) -> std::io::Result<()> {
     loop {
         let (sock, _) = ctl.accept().await?;
         let sim = sim.clone();
+        let reverse = reverse.clone();
         tokio::spawn(async move {
             let (r, mut w) = sock.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let reply = command(&sim, &line).await;
+                let reply = command(&sim, &reverse, &line).await;
                 if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
                     break;
                 }
@@ -130,7 +168,7 @@ async fn run(args: Args) -> std::io::Result<()> {
     }
 }
 
-async fn command(sim: &NapSim, line: &str) -> String {
+async fn command(sim: &NapSim, reverse: &[ReverseHandle], line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     let num = |i: usize| -> Result<u64, String> {
         words
@@ -169,6 +207,18 @@ async fn command(sim: &NapSim, line: &str) -> String {
         "disable_3110" => done(&|| sim.disable_3110()),
         "disable_v4" => done(&|| sim.disable_v4()),
         "enable" => sim.enable().await.map(ok).map_err(|e| format!("err {e}")),
+        "reverse_disable" => done(&|| reverse.iter().for_each(|r| r.disable())),
+        "reverse_enable" => done(&|| reverse.iter().for_each(|r| r.enable())),
+        "reverse" => {
+            let all: Vec<_> = reverse.iter().map(|r| r.status()).collect();
+            Ok(format!(
+                "connected={} dials={} handshakes={} failures={}",
+                all.iter().filter(|s| s.connected).count(),
+                all.iter().map(|s| s.dials).sum::<u64>(),
+                all.iter().map(|s| s.handshakes).sum::<u64>(),
+                all.iter().map(|s| s.failures).sum::<u64>(),
+            ))
+        }
         "kill" => done(&|| sim.kill()),
         "hang" => done(&|| sim.hang()),
         "unhang" => done(&|| sim.unhang()),

@@ -22,6 +22,10 @@ use crate::proto::onebot::Role;
 
 type Key = (String, Role);
 
+/// Most keys whose heartbeat interval is remembered: backends are few, but self ids come
+/// from the backends' headers.
+const INTERVALS_KEPT: usize = 1024;
+
 /// Every reverse backend connection, by registration.
 pub struct BackendSet {
     inner: Mutex<Inner>,
@@ -35,6 +39,9 @@ struct Inner {
     all: HashMap<u64, Arc<Entry>>,
     /// The current registration of each (self id, role).
     current: HashMap<Key, u64>,
+    /// The heartbeat interval (ms) each (self id, role) last announced, kept across its
+    /// connections: a new one is watched from its start.
+    intervals: HashMap<Key, u64>,
 }
 
 /// One backend connection as the registry knows it.
@@ -208,6 +215,26 @@ impl BackendGuard {
         self.set
             .metrics
             .reverse_online(self.self_id().unwrap_or(""), online);
+    }
+
+    /// The backend announced this heartbeat interval (ms).
+    pub fn set_heartbeat_interval(&self, ms: u64) {
+        let Some(id) = &self.entry.self_id else {
+            return;
+        };
+        let key = (id.clone(), self.entry.role);
+        let mut inner = self.set.lock();
+        if inner.intervals.len() < INTERVALS_KEPT || inner.intervals.contains_key(&key) {
+            inner.intervals.insert(key, ms);
+        }
+    }
+
+    /// The heartbeat interval (ms) an earlier connection with this self id and role
+    /// announced, if any.
+    pub fn known_heartbeat_interval(&self) -> Option<u64> {
+        let id = self.entry.self_id.as_ref()?;
+        let key = (id.clone(), self.entry.role);
+        self.set.lock().intervals.get(&key).copied()
     }
 
     pub fn set_bots_configured(&self, n: usize) {

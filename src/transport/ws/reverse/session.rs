@@ -282,6 +282,20 @@ impl Session {
             frames_to_backend: 0,
             frames_from_backend: 0,
         };
+        // Bounded before the first heartbeat too, by the interval this backend announced on
+        // an earlier connection (NapCat's timer is per entry, not per connection): one
+        // that hangs right after connecting is not kept forever.
+        let known = s
+            .role
+            .gets_events()
+            .then(|| s.reg.known_heartbeat_interval());
+        if let Some(ms) = known.flatten().filter(|ms| *ms > 0) {
+            s.heartbeat_window = Duration::from_millis(ms).mul_f64(s.seen.settings.heartbeat_grace);
+            s.watchdog
+                .as_mut()
+                .reset(tokio::time::Instant::now() + s.heartbeat_window);
+            s.watchdog_armed = true;
+        }
         for (slot, ws) in bots {
             s.add_leg(slot, ws);
         }
@@ -553,6 +567,7 @@ impl Session {
                     self.self_id = self_id;
                 }
                 if let Some(ms) = interval_ms.filter(|ms| *ms > 0) {
+                    self.reg.set_heartbeat_interval(ms);
                     let grace = self.seen.settings.heartbeat_grace;
                     self.heartbeat_window = Duration::from_millis(ms).mul_f64(grace);
                     self.watchdog
