@@ -5,6 +5,7 @@
 //! ```text
 //! napsim [--listen 127.0.0.1:0] [--control 127.0.0.1:0] [--heartbeat-ms N] [--flaky-api-every N]
 //!        [--reverse-url ws://HOST:PORT/PATH ...] [--reverse-token T] [--reverse-reconnect-ms N]
+//!        [--http-listen 127.0.0.1:0] [--post-url http://HOST:PORT/PATH ...] [--post-secret S]
 //! ```
 //!
 //! Each `--reverse-url` is a reverse WebSocket entry (NapCat's `websocketClients`, NapCat
@@ -12,8 +13,13 @@
 //! `--reverse-reconnect-ms` (NapCat's default 5000) after every close or failed dial; its
 //! heartbeats follow `--heartbeat-ms` (NapCat's `heartInterval` is per entry).
 //!
-//! It prints one line on stdout, `napsim upstream=ws://HOST:PORT control=HOST:PORT pid=N`,
-//! and then takes one command per line on the control address, answering one line each:
+//! `--http-listen` starts the HTTP API server (NapCat's `httpServers`, no token). Each
+//! `--post-url` is an HTTP POST entry (NapCat's `httpClients`, `PostConfig::napcat`: every
+//! event its own concurrent request, no heartbeats, no lifecycle events), signed with
+//! `--post-secret` when one is given (the entry's `token`).
+//!
+//! It prints one line on stdout, `napsim upstream=ws://HOST:PORT control=HOST:PORT pid=N`
+//! (with ` http=http://HOST:PORT` when the HTTP server runs), and then takes one command per line on the control address, answering one line each:
 //!
 //! | command | answer |
 //! |---|---|
@@ -24,7 +30,10 @@
 //! | `disable_3110`, `disable_v4`, `enable` | `ok`: the forward server only, as in `NapSim` (NapCat switches each network entry on its own) |
 //! | `reverse_disable`, `reverse_enable` | `ok`: every reverse entry switched off (a Close with no code, no redial) or on (dials at once), as NapCat's hot reload of a `websocketClients` entry |
 //! | `reverse` | `connected=N dials=N handshakes=N failures=N`, summed over the reverse entries |
-//! | `kill`, `hang`, `unhang`, `offline`, `online` | `ok` (see `NapSim`; they apply to reverse entries too) |
+//! | `http_disable`, `http_enable` | `ok`: the HTTP server switched off (new connects refused, kept-alive ones answer `Server is closed`) or on again, as NapCat's hot reload of an `httpServers` entry |
+//! | `post_disable`, `post_enable` | `ok`: every POST entry switched off (nothing more is posted; requests in flight finish) or on, as NapCat's hot reload of an `httpClients` entry |
+//! | `post` | `posted=N finished=N failed=N quick=N`, summed over the POST entries (`failed`: finished with an error or a non-2xx status, among the last few thousand) |
+//! | `kill`, `hang`, `unhang`, `offline`, `online` | `ok` (see `NapSim`; they apply to reverse entries, the HTTP server and POST entries too) |
 //! | `quit` | exits |
 //!
 //! `--flaky-api-every N` puts a front on the listen address that drops every Nth connection
@@ -36,7 +45,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifeguard::sim::{NapSim, ReverseConfig, ReverseHandle, SimConfig};
+use lifeguard::sim::{
+    HttpServerConfig, NapSim, PostConfig, PostHandle, ReverseConfig, ReverseHandle, SimConfig,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -48,6 +59,9 @@ struct Args {
     reverse_urls: Vec<String>,
     reverse_token: String,
     reverse_reconnect: Option<Duration>,
+    http_listen: Option<SocketAddr>,
+    post_urls: Vec<String>,
+    post_secret: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +73,9 @@ fn parse_args() -> Result<Args, String> {
         reverse_urls: Vec::new(),
         reverse_token: String::new(),
         reverse_reconnect: None,
+        http_listen: None,
+        post_urls: Vec::new(),
+        post_secret: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -86,8 +103,17 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--reverse-reconnect-ms: {e}"))?;
                 a.reverse_reconnect = Some(Duration::from_millis(ms));
             }
+            "--http-listen" => {
+                a.http_listen = Some(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--http-listen: {e}"))?,
+                )
+            }
+            "--post-url" => a.post_urls.push(value()?),
+            "--post-secret" => a.post_secret = Some(value()?),
             "-h" | "--help" => {
-                println!("napsim [--listen ADDR] [--control ADDR] [--heartbeat-ms N] [--flaky-api-every N] [--reverse-url URL ...] [--reverse-token T] [--reverse-reconnect-ms N]");
+                println!("napsim [--listen ADDR] [--control ADDR] [--heartbeat-ms N] [--flaky-api-every N] [--reverse-url URL ...] [--reverse-token T] [--reverse-reconnect-ms N] [--http-listen ADDR] [--post-url URL ...] [--post-secret S]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -145,9 +171,34 @@ async fn run(args: Args) -> std::io::Result<()> {
         })
         .collect();
     let reverse = Arc::new(reverse);
+    let http = match args.http_listen {
+        Some(addr) => {
+            let cfg = HttpServerConfig {
+                addr,
+                ..HttpServerConfig::default()
+            };
+            Some(sim.start_http(cfg).await?)
+        }
+        None => None,
+    };
+    let posts: Vec<PostHandle> = args
+        .post_urls
+        .iter()
+        .map(|url| {
+            let mut cfg = PostConfig::napcat(url.as_str());
+            if let Some(secret) = &args.post_secret {
+                cfg = cfg.with_token(secret.as_str());
+            }
+            sim.add_post(cfg)
+        })
+        .collect();
+    let posts = Arc::new(posts);
     let ctl = TcpListener::bind(args.control).await?;
+    let http = http
+        .map(|a| format!(" http=http://{a}"))
+        .unwrap_or_default();
     println!(
-        "napsim upstream={upstream} control={} pid={}",
+        "napsim upstream={upstream} control={} pid={}{http}",
         ctl.local_addr()?,
         std::process::id()
     );
@@ -155,11 +206,12 @@ async fn run(args: Args) -> std::io::Result<()> {
         let (sock, _) = ctl.accept().await?;
         let sim = sim.clone();
         let reverse = reverse.clone();
+        let posts = posts.clone();
         tokio::spawn(async move {
             let (r, mut w) = sock.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let reply = command(&sim, &reverse, &line).await;
+                let reply = command(&sim, &reverse, &posts, &line).await;
                 if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
                     break;
                 }
@@ -168,7 +220,12 @@ async fn run(args: Args) -> std::io::Result<()> {
     }
 }
 
-async fn command(sim: &NapSim, reverse: &[ReverseHandle], line: &str) -> String {
+async fn command(
+    sim: &NapSim,
+    reverse: &[ReverseHandle],
+    posts: &[PostHandle],
+    line: &str,
+) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     let num = |i: usize| -> Result<u64, String> {
         words
@@ -217,6 +274,27 @@ async fn command(sim: &NapSim, reverse: &[ReverseHandle], line: &str) -> String 
                 all.iter().map(|s| s.dials).sum::<u64>(),
                 all.iter().map(|s| s.handshakes).sum::<u64>(),
                 all.iter().map(|s| s.failures).sum::<u64>(),
+            ))
+        }
+        "http_disable" => done(&|| sim.disable_http()),
+        "http_enable" => sim
+            .enable_http()
+            .await
+            .map(ok)
+            .map_err(|e| format!("err {e}")),
+        "post_disable" => done(&|| posts.iter().for_each(|p| p.disable())),
+        "post_enable" => done(&|| posts.iter().for_each(|p| p.enable())),
+        "post" => {
+            let all: Vec<_> = posts.iter().map(|p| p.status()).collect();
+            let failed: usize = posts
+                .iter()
+                .map(|p| p.outcomes().iter().filter(|o| o.error.is_some()).count())
+                .sum();
+            Ok(format!(
+                "posted={} finished={} failed={failed} quick={}",
+                all.iter().map(|s| s.posted).sum::<u64>(),
+                all.iter().map(|s| s.finished).sum::<u64>(),
+                all.iter().map(|s| s.quick_operations).sum::<u64>(),
             ))
         }
         "kill" => done(&|| sim.kill()),
