@@ -290,11 +290,7 @@ impl Session {
             .gets_events()
             .then(|| s.reg.known_heartbeat_interval());
         if let Some(ms) = known.flatten().filter(|ms| *ms > 0) {
-            s.heartbeat_window = Duration::from_millis(ms).mul_f64(s.seen.settings.heartbeat_grace);
-            s.watchdog
-                .as_mut()
-                .reset(tokio::time::Instant::now() + s.heartbeat_window);
-            s.watchdog_armed = true;
+            s.arm_watchdog(ms);
         }
         for (slot, ws) in bots {
             s.add_leg(slot, ws);
@@ -568,12 +564,7 @@ impl Session {
                 }
                 if let Some(ms) = interval_ms.filter(|ms| *ms > 0) {
                     self.reg.set_heartbeat_interval(ms);
-                    let grace = self.seen.settings.heartbeat_grace;
-                    self.heartbeat_window = Duration::from_millis(ms).mul_f64(grace);
-                    self.watchdog
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.heartbeat_window);
-                    self.watchdog_armed = true;
+                    self.arm_watchdog(ms);
                 }
                 if let Some(end) = self.broadcast(m) {
                     return Some(end);
@@ -871,6 +862,16 @@ impl Session {
             }
         }
         None
+    }
+
+    /// The next heartbeat is due within `heartbeat_grace` × the announced `ms` from now.
+    fn arm_watchdog(&mut self, ms: u64) {
+        self.heartbeat_window =
+            Duration::from_millis(ms).mul_f64(self.seen.settings.heartbeat_grace);
+        self.watchdog
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.heartbeat_window);
+        self.watchdog_armed = true;
     }
 
     // --- the account --------------------------------------------------------------------
